@@ -1,0 +1,98 @@
+"""The one per-task gradient path shared by every balancer that needs per-task gradients.
+
+Each task's sub-batch gets its own forward and backward pass (so only one task's activations are
+alive at a time); its flattened gradient becomes one row of ``G`` ``[K, P]``. Because each
+``g_i`` is the gradient of task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly
+the usual full-batch gradient: per-task gradients cost no extra backward passes, only the memory
+for ``G``. The balancer turns ``G`` into one direction, which is accumulated into ``.grad`` so any
+optimiser can step on it.
+
+Use it in a plain PyTorch loop::
+
+    stats = backward_per_task(model.parameters(), [lambda: loss_de(), lambda: loss_sw()], balancer)
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from polycats.balance.base import Balancer, TaskStats
+
+
+@dataclass
+class TaskLoss:
+    """A task's loss for one step.
+
+    loss:   its contribution to the usual total loss (``S_i / N``), with autograd graph;
+    mean:   its mean token loss ``L_i`` (defaults to ``loss``);
+    tokens: its number of target tokens ``n_i`` (defaults to 1).
+    """
+
+    loss: Tensor
+    mean: float | None = None
+    tokens: int = 1
+
+
+TaskClosure = Callable[[], "TaskLoss | Tensor"]
+
+
+def flat_gradient(loss: Tensor, params: Sequence[Tensor], out: Tensor) -> None:
+    """Write ``d loss / d params`` flattened into ``out`` (zeros for unused parameters)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    offset = 0
+    for param, grad in zip(params, grads):
+        size = param.numel()
+        if grad is None:
+            out[offset : offset + size].zero_()
+        else:
+            out[offset : offset + size].copy_(grad.reshape(-1))
+        offset += size
+
+
+def accumulate_into_grad(params: Sequence[Tensor], direction: Tensor) -> None:
+    """Add the flat ``direction`` to each parameter's ``.grad`` (PyTorch's accumulate convention)."""
+    offset = 0
+    for param in params:
+        size = param.numel()
+        piece = direction[offset : offset + size].view_as(param).to(param.dtype)
+        if param.grad is None:
+            param.grad = piece.clone()
+        else:
+            param.grad.add_(piece)
+        offset += size
+
+
+def per_task_gradients(params: Sequence[Tensor], closures: Sequence[TaskClosure | None]) -> TaskStats:
+    """Run each task's closure and backward pass; ``None`` marks a task absent from this batch."""
+    total = sum(p.numel() for p in params)
+    device = params[0].device
+    grads = torch.zeros(len(closures), total, device=device)
+    losses = torch.zeros(len(closures))
+    tokens = torch.zeros(len(closures))
+    for i, closure in enumerate(closures):
+        if closure is None:
+            continue
+        result = closure()
+        task = result if isinstance(result, TaskLoss) else TaskLoss(result)
+        flat_gradient(task.loss, params, grads[i])
+        losses[i] = float(task.loss.detach()) if task.mean is None else float(task.mean)
+        tokens[i] = task.tokens
+    return TaskStats(losses=losses, tokens=tokens, grads=grads)
+
+
+def backward_per_task(
+    params: Iterable[Tensor], closures: Sequence[TaskClosure | None], balancer: Balancer
+) -> TaskStats:
+    """Per-task backward passes, then the balancer's combined direction accumulated into ``.grad``.
+
+    Returns the step's :class:`TaskStats` (losses, tokens, per-task gradients) for logging.
+    """
+    params = [p for p in params if p.requires_grad]
+    stats = per_task_gradients(params, closures)
+    accumulate_into_grad(params, balancer.combine(stats))
+    return stats

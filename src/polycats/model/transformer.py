@@ -1,0 +1,220 @@
+"""A pre-norm Transformer encoder-decoder for translation, in one file.
+
+Read top to bottom: attention, feed-forward, encoder layer, decoder layer, the model.
+Embeddings are shared between encoder input, decoder input and the output projection (one joint
+SentencePiece vocabulary). The target-language tag ``<2xx>`` is the first source token, so one
+model serves many-to-one, one-to-many and many-to-many directions.
+
+Decoding uses a key/value cache (``DecoderCache``) so each new token costs one position, not the
+whole prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    vocab_size: int
+    d_model: int = 192
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    heads: int = 4
+    ffn_dim: int = 768
+    dropout: float = 0.1
+    max_positions: int = 1024
+    pad_id: int = 0
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, heads: int, dropout: float):
+        super().__init__()
+        assert d_model % heads == 0, "d_model must be divisible by heads"
+        self.heads = heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
+
+    def project_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.k_proj(memory)), self.split_heads(self.v_proj(memory))
+
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        q = self.split_heads(self.q_proj(query))
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(shape.d_model)
+        self.self_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.ffn_norm = nn.LayerNorm(shape.d_model)
+        self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
+        h = self.self_attn_norm(x)
+        k, v = self.self_attn.project_keys_values(h)
+        x = x + self.dropout(self.self_attn(h, k, v, mask=key_mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer keys/values: self-attention grows by one position per step; cross-attention
+    keys/values of the encoder output are computed once."""
+
+    self_kv: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    source_mask: Tensor | None = None
+    length: int = 0
+
+    def select(self, index: Tensor) -> DecoderCache:
+        """Keep (and reorder) the batch rows in ``index`` — used by beam search."""
+        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        return DecoderCache(
+            self_kv=[None if kv is None else pick(kv) for kv in self.self_kv],
+            cross_kv=[pick(kv) for kv in self.cross_kv],
+            source_mask=None if self.source_mask is None else self.source_mask.index_select(0, index),
+            length=self.length,
+        )
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(shape.d_model)
+        self.self_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.cross_attn_norm = nn.LayerNorm(shape.d_model)
+        self.cross_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.ffn_norm = nn.LayerNorm(shape.d_model)
+        self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cross_kv: tuple[Tensor, Tensor],
+        source_mask: Tensor,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h = self.self_attn_norm(x)
+        k, v = self.self_attn.project_keys_values(h)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        # Right padding: a real target position only sees earlier real positions under the causal
+        # mask, so no target padding mask is needed. With a cache the new positions see all past.
+        causal = past_kv is None and x.shape[1] > 1
+        x = x + self.dropout(self.self_attn(h, k, v, causal=causal))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, mask=source_mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), (k, v)
+
+
+class Transformer(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab_size, shape.d_model, padding_idx=shape.pad_id)
+        nn.init.normal_(self.embed.weight, std=shape.d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[shape.pad_id].zero_()
+        self.register_buffer("positions", sinusoidal_positions(shape.max_positions, shape.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(shape.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(shape.d_model)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(shape.d_model)
+
+    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        length = tokens.shape[1]
+        if offset + length > self.shape.max_positions:
+            raise ValueError(f"sequence of {offset + length} tokens exceeds max_positions={self.shape.max_positions}")
+        x = self.embed(tokens) * math.sqrt(self.shape.d_model) + self.positions[offset : offset + length]
+        return self.embed_dropout(x)
+
+    def source_mask(self, src: Tensor) -> Tensor:
+        """Boolean [batch, 1, 1, src_len] mask, True where a key may be attended to."""
+        return (src != self.shape.pad_id)[:, None, None, :]
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self.source_mask(src)
+        x = self.embed_tokens(src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def start_cache(self, memory: Tensor, source_mask: Tensor) -> DecoderCache:
+        return DecoderCache(
+            self_kv=[None] * len(self.decoder_layers),
+            cross_kv=[layer.cross_attn.project_keys_values(memory) for layer in self.decoder_layers],
+            source_mask=source_mask,
+        )
+
+    def decode(self, tgt_in: Tensor, cache: DecoderCache) -> Tensor:
+        """Logits for ``tgt_in`` given the cache; the cache is extended in place."""
+        x = self.embed_tokens(tgt_in, offset=cache.length)
+        for i, layer in enumerate(self.decoder_layers):
+            x, cache.self_kv[i] = layer(x, cache.cross_kv[i], cache.source_mask, cache.self_kv[i])
+        cache.length += tgt_in.shape[1]
+        return F.linear(self.decoder_norm(x), self.embed.weight)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        memory, mask = self.encode(src)
+        return self.decode(tgt_in, self.start_cache(memory, mask))
+
+
+def token_losses(logits: Tensor, target: Tensor, pad_id: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-token training loss (label-smoothed) and NLL, both [batch, tgt_len], zero at padding."""
+    flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    log_probs = F.log_softmax(flat_logits.float(), dim=-1)
+    nll = F.nll_loss(log_probs, flat_target, ignore_index=pad_id, reduction="none")
+    if label_smoothing > 0:
+        smooth = -log_probs.mean(dim=-1) * (flat_target != pad_id)
+        loss = (1 - label_smoothing) * nll + label_smoothing * smooth
+    else:
+        loss = nll
+    return loss.view_as(target), nll.view_as(target)
