@@ -1,0 +1,129 @@
+"""The ``polycats`` command line: prepare → train → evaluate (→ translate), and the demo.
+
+Errors in the user's input are one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from polycats.errors import PolycatsError
+
+app = typer.Typer(
+    help="Multilingual translation on imbalanced data: temperature sampling, CATS, diagnostics.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+state = {"debug": False}
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/demo.yaml")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set train.max_updates=20")]
+
+
+@app.callback()
+def options(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks instead of one-line errors")] = False) -> None:
+    state["debug"] = debug
+
+
+@app.command()
+def prepare(config: ConfigArg, set_: SetOption = None) -> None:
+    """Read the corpus, make the splits, train the tokenizer and binarise (cached)."""
+    from polycats.config import load_config
+    from polycats.data.prepare import prepare as prepare_data
+
+    data = prepare_data(load_config(config, set_).data)
+    from rich.table import Table
+
+    table = Table(title=f"prepared data: {data.root}")
+    for column in ("task", "group", "requested", "train", "valid", "test"):
+        table.add_column(column, justify="left" if column in ("task", "group") else "right")
+    for task in data.tasks:
+        sizes = data.meta["sizes"][task]
+        table.add_row(task, data.meta["groups"][task], *(str(sizes[k]) for k in ("requested", "train", "valid", "test")))
+    console.print(table)
+    console.print(f"vocabulary {data.vocab_size} pieces; groups: {data.meta['group_thresholds']}")
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it has a checkpoint)")],
+    set_: SetOption = None,
+) -> None:
+    """Train a model (prepares the data if needed; resumes from OUT's last checkpoint)."""
+    from polycats.config import load_config
+    from polycats.train.trainer import train as run_training
+
+    valid = run_training(load_config(config, set_), out)
+    console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
+                  f"(metrics.jsonl, checkpoints/, tb/)")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory made by polycats train")],
+    split: Annotated[str, typer.Option(help="valid or test")] = "test",
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: eval.checkpoint)")] = None,
+) -> None:
+    """Decode a split, score BLEU/chrF per direction, write RUN_DIR/eval/<split>.json."""
+    from polycats.evaluate.run import evaluate_run
+    from polycats.evaluate.scoring import render_table
+
+    report = evaluate_run(run_dir, split, checkpoint)
+    console.print(render_table(report, title=f"{run_dir} — {split}"))
+    console.print(f"written: {Path(run_dir) / 'eval' / f'{split}.json'}")
+
+
+@app.command()
+def translate(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
+    src_lang: Annotated[str, typer.Option("--src-lang", help="source language code")],
+    tgt_lang: Annotated[str, typer.Option("--tgt-lang", help="target language code")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="best or last")] = None,
+) -> None:
+    """Translate stdin to stdout, one sentence per line."""
+    from polycats.evaluate.run import translate_lines
+
+    raw = sys.stdin.buffer.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise PolycatsError(f"standard input line {line} is not valid UTF-8; send UTF-8 text") from None
+    lines = text.splitlines()
+    for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint):
+        sys.stdout.write(output + "\n")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
+    set_: SetOption = None,
+) -> None:
+    """The main job: T=1 vs T=5 vs CATS on the demo preset (Bible, de/fr vs sw/tl → en), with a summary."""
+    from polycats.demo import run_demo
+
+    run_demo(out, set_ or [], console)
+
+
+def main() -> None:
+    try:
+        app()
+    except PolycatsError as error:
+        if state["debug"]:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

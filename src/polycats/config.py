@@ -1,0 +1,251 @@
+"""The experiment config: YAML validated by pydantic, with ``--set a.b=c`` overrides.
+
+Every section forbids unknown keys, so a typo is an error naming the field, never a silently
+ignored setting. ``balancer`` is a union on ``balancer.name``: each method validates its own
+options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from polycats.balance.cats import CatsConfig
+from polycats.errors import PolycatsError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GroupThresholds(Section):
+    """Languages with fewer training pairs than ``lores_below`` are LoRes, at least ``hires_from``
+    HiRes, MidRes between (data.md defaults, scaled to the Bible corpus)."""
+
+    lores_below: int = Field(2000, gt=0)
+    hires_from: int = Field(10000, gt=0)
+
+    @model_validator(mode="after")
+    def ordered(self) -> GroupThresholds:
+        if self.hires_from < self.lores_below:
+            raise ValueError("hires_from must be >= lores_below")
+        return self
+
+    def group(self, train_pairs: int) -> str:
+        if train_pairs < self.lores_below:
+            return "LoRes"
+        return "HiRes" if train_pairs >= self.hires_from else "MidRes"
+
+
+class SyntheticConfig(Section):
+    """The toy source: each language renames the pivot's words with its own vocabulary; odd-numbered
+    languages also reverse word order."""
+
+    words: int = Field(24, ge=2, description="vocabulary size of every language")
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(8, ge=1)
+
+
+class DataConfig(Section):
+    source: Literal["bible", "text", "hf_disk", "synthetic"] = "bible"
+    path: Path | None = Field(None, description="directory of the corpus (text, hf_disk)")
+    direction: Literal["m2o", "o2m"] = "m2o"
+    pivot: str = "en"
+    languages: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        ..., description="language code -> number of training pairs (this is how imbalance is made)"
+    )
+    valid_per_lang: int = Field(200, gt=0)
+    test_per_lang: int = Field(500, gt=0)
+    vocab_size: int = Field(4000, ge=32)
+    max_len: int = Field(48, gt=0, description="training pairs longer than this (subword tokens) are dropped")
+    split_seed: int = 1
+    translations: dict[str, str] = Field(
+        default_factory=dict, description="bible only: language -> one-character translation code override"
+    )
+    tokenizer_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer_temperature: float = Field(5.0, gt=0, description="language mix of the SentencePiece training text")
+    tokenizer_sentences: int = Field(200_000, gt=0, description="sentences in the SentencePiece training mix")
+    groups: GroupThresholds = GroupThresholds()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("languages")
+    @classmethod
+    def not_empty(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value:
+            raise ValueError("list at least one language, e.g. {de: 8000, sw: 500}")
+        return value
+
+    @model_validator(mode="after")
+    def pivot_not_a_language(self) -> DataConfig:
+        if self.pivot in self.languages:
+            raise ValueError(f"the pivot '{self.pivot}' cannot also be in data.languages")
+        if self.source in ("text", "hf_disk") and self.path is None:
+            raise ValueError(f"data.path is required for source '{self.source}'")
+        return self
+
+    def tasks(self) -> list[str]:
+        """Translation directions in config order, e.g. ``["de-en", "sw-en"]``."""
+        if self.direction == "m2o":
+            return [f"{lang}-{self.pivot}" for lang in self.languages]
+        return [f"{self.pivot}-{lang}" for lang in self.languages]
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0, description="p_i ∝ n_i^(1/T): 1 proportional, 5 common, 100 ≈ uniform")
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="explicit per-language sampling weights (replace the temperature formula)"
+    )
+
+
+class ScalarConfig(Section):
+    name: Literal["scalar"] = "scalar"
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights")
+
+
+BalancerConfig = Annotated[ScalarConfig | CatsConfig, Field(discriminator="name")]
+
+
+class ModelConfig(Section):
+    d_model: int = Field(192, gt=0)
+    encoder_layers: int = Field(3, ge=1)
+    decoder_layers: int = Field(3, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(768, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def heads_divide(self) -> ModelConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class TrainConfig(Section):
+    max_updates: int = Field(1200, gt=0)
+    max_tokens: int = Field(2048, gt=0, description="padded tokens per batch")
+    lr: float = Field(1e-3, gt=0)
+    warmup_updates: int = Field(500, ge=0, description="linear warm-up, then inverse square root decay")
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_norm: float = Field(1.0, ge=0, description="0 disables gradient clipping")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    save_every: int = Field(200, gt=0, description="updates between checkpoints")
+    keep_snapshots: bool = Field(True, description="keep model weights of every checkpoint (for analyze curves)")
+    log_every: int = Field(10, gt=0)
+    valid_every: int = Field(200, gt=0)
+    patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
+    seed: int = 1
+    threads: int = Field(0, ge=0, description="torch threads (0 = torch's default)")
+    diagnostics_every: int = Field(0, ge=0, description="updates between logged diagnostics (0 = off)")
+
+
+class EvalConfig(Section):
+    beam: int = Field(4, ge=1)
+    lenpen: float = Field(1.0, ge=0)
+    max_len_a: float = Field(1.5, ge=0)
+    max_len_b: int = Field(10, ge=1)
+    batch_size: int = Field(64, gt=0, description="sentences per decoding batch")
+    checkpoint: Literal["best", "last"] = "best"
+
+
+class Config(Section):
+    name: str = "polycats"
+    data: DataConfig
+    sampling: SamplingConfig = SamplingConfig()
+    balancer: BalancerConfig = ScalarConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self, sections: tuple[str, ...]) -> str:
+        dumped = self.model_dump(mode="json")
+        blob = json.dumps({key: dumped[key] for key in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def set_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``{de: 10}``)."""
+    if "=" not in assignment:
+        raise PolycatsError(f"--set '{assignment}': expected KEY=VALUE, e.g. --set train.max_updates=20")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise PolycatsError(f"--set '{assignment}': empty key part in '{key}'")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise PolycatsError(f"--set '{assignment}': '{part}' is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors()[:3]:
+        field = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see configs/ for the known fields)"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown balancer; choose one of: {', '.join(item['ctx']['expected_tags'].split(', '))}"
+        got = item.get("input")
+        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        problems.append(f"field '{field}': {message}{shown}")
+    more = len(error.errors()) - len(problems)
+    return f"invalid config {source}: " + "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise PolycatsError(describe_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolycatsError(f"config file {path} does not exist; see configs/ for presets") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolycatsError(f"cannot read config file {path}: {error}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PolycatsError(f"config file {path}{where} is not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(tree, dict):
+        raise PolycatsError(f"config file {path} must be a YAML mapping of sections (data:, train:, ...)")
+    for assignment in overrides or []:
+        set_override(tree, assignment)
+    return config_from_dict(tree, str(path))
+
+
+def cache_dir() -> Path:
+    """Where prepared data (tokenizers, binarised shards) is cached: $POLYCATS_CACHE or ~/.cache/polycats."""
+    return Path(os.environ.get("POLYCATS_CACHE", Path.home() / ".cache" / "polycats"))
+
+
+def preset_path(name: str) -> Path:
+    """A preset shipped in the repository's configs/ directory."""
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    if not path.exists():
+        raise PolycatsError(f"preset '{name}' not found at {path}; run from a clone of polycats")
+    return path

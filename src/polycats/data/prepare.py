@@ -1,0 +1,248 @@
+"""prepare: corpus → splits → joint SentencePiece → binarised shards, cached.
+
+The prepared directory is keyed by a hash of the data config and of the corpus text itself, so a
+second ``prepare`` (or ``train``) with the same data is a cache hit, and any change to the data or
+the tokenizer settings makes a new directory. It is built in a temporary directory and renamed into
+place, so an interrupted prepare never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from polycats.config import DataConfig, cache_dir
+from polycats.data.corpus import SPLITS, ParallelCorpus, read_corpus
+from polycats.errors import PolycatsError
+from polycats.io import atomic_write_json
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+FORMAT_VERSION = 1
+
+
+def language_tag(language: str) -> str:
+    return f"<2{language}>"
+
+
+def task_languages(task: str) -> tuple[str, str]:
+    src, tgt = task.split("-")
+    return src, tgt
+
+
+def temperature_probabilities(sizes: dict[str, int], temperature: float) -> dict[str, float]:
+    """p_i ∝ n_i^(1/T): T=1 proportional, T→∞ uniform."""
+    scaled = {name: float(size) ** (1.0 / temperature) for name, size in sizes.items()}
+    total = sum(scaled.values())
+    return {name: value / total for name, value in scaled.items()}
+
+
+def corpus_digest(corpus: ParallelCorpus) -> str:
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for lang in sorted(corpus.pairs[split]):
+            digest.update(f"\x00{split}\x00{lang}\x00".encode())
+            for src, tgt in corpus.pairs[split][lang]:
+                digest.update(src.encode())
+                digest.update(b"\x01")
+                digest.update(tgt.encode())
+                digest.update(b"\x02")
+    return digest.hexdigest()
+
+
+def tokenizer_training_text(corpus: ParallelCorpus, config: DataConfig) -> list[str]:
+    """A temperature-sampled mix of every language's training text, so LoRes scripts get pieces."""
+    drawn = {lang: pairs[: config.languages[lang]] for lang, pairs in corpus.pairs["train"].items()}
+    texts = {lang: [src for src, _ in pairs] for lang, pairs in drawn.items()}
+    texts[corpus.pivot] = sorted({tgt for pairs in drawn.values() for _, tgt in pairs})
+    probabilities = temperature_probabilities({lang: len(t) for lang, t in texts.items()}, config.tokenizer_temperature)
+    budget = min(config.tokenizer_sentences, sum(len(t) for t in texts.values()))
+    rng = random.Random(f"{config.split_seed}/tokenizer")
+    mix: list[str] = []
+    for lang in sorted(texts):
+        count = max(1, round(budget * probabilities[lang]))
+        pool = texts[lang]
+        mix.extend(rng.sample(pool, count) if count <= len(pool) else rng.choices(pool, k=count))
+    rng.shuffle(mix)
+    return mix
+
+
+def train_tokenizer(sentences: list[str], languages: list[str], config: DataConfig, model_path: Path) -> None:
+    import io
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type=config.tokenizer_type,
+        vocab_size=config.vocab_size,
+        character_coverage=0.9995,
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+        user_defined_symbols=[language_tag(lang) for lang in sorted(languages)],
+        # Small corpora (tests, synthetic data) may not support the requested size; take what fits.
+        hard_vocab_limit=False,
+        num_threads=2,
+        minloglevel=2,
+    )
+    model_path.write_bytes(model.getvalue())
+
+
+@dataclass
+class TaskArrays:
+    """Token ids of one task's sentences: source (tag + tokens + eos), target (tokens + eos)."""
+
+    src: list[np.ndarray]
+    tgt: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def pack(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
+    flat = torch.tensor([t for s in sequences for t in s], dtype=torch.int32)
+    return {"flat": flat, "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])}
+
+
+def unpack(packed: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    flat, offsets = packed["flat"].numpy(), packed["offsets"].tolist()
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+class PreparedData:
+    """A prepared directory: tokenizer, binarised splits, raw references and meta.json."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.tokenizer = spm.SentencePieceProcessor(model_file=str(self.root / "spm.model"))
+        self._splits: dict[str, dict[str, TaskArrays]] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.meta["tasks"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_piece_size()
+
+    def split(self, name: str) -> dict[str, TaskArrays]:
+        if name not in self._splits:
+            shards = torch.load(self.root / f"{name}.pt", weights_only=True)
+            self._splits[name] = {task: TaskArrays(unpack(s["src"]), unpack(s["tgt"])) for task, s in shards.items()}
+        return self._splits[name]
+
+    def references(self, name: str) -> dict[str, list[dict[str, str]]]:
+        return json.loads((self.root / f"{name}.text.json").read_text(encoding="utf-8"))
+
+    def encode_source(self, sentences: list[str], target_language: str) -> list[list[int]]:
+        tag = self.tokenizer.piece_to_id(language_tag(target_language))
+        return [[tag, *ids, EOS] for ids in self.tokenizer.encode(sentences)]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.tokenizer.decode(ids)
+
+
+def oriented(corpus: ParallelCorpus, config: DataConfig, split: str) -> dict[str, list[tuple[str, str]]]:
+    """task -> (source sentence, target sentence), in the configured direction."""
+    tasks = config.tasks()
+    result = {}
+    for task, lang in zip(tasks, config.languages):
+        pairs = corpus.pairs[split][lang]
+        result[task] = pairs if config.direction == "m2o" else [(tgt, src) for src, tgt in pairs]
+    return result
+
+
+def take_short_pairs(tokenizer, pool: list[tuple[str, str]], wanted: int, max_len: int):
+    """The first ``wanted`` pairs of the seeded pool with at most ``max_len`` tokens per side, so
+    the requested imbalance is exact after filtering (encoded in chunks: pools can be large)."""
+    kept, src_ids, tgt_ids = [], [], []
+    start, chunk = 0, max(256, 2 * wanted)
+    while len(kept) < wanted and start < len(pool):
+        piece = pool[start : start + chunk]
+        start += chunk
+        for pair, src, tgt in zip(piece, tokenizer.encode([s for s, _ in piece]), tokenizer.encode([t for _, t in piece])):
+            if len(src) <= max_len and len(tgt) <= max_len:
+                kept.append(pair)
+                src_ids.append(src)
+                tgt_ids.append(tgt)
+                if len(kept) == wanted:
+                    break
+    return kept, src_ids, tgt_ids
+
+
+def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
+    languages = [*config.languages, config.pivot]
+    train_tokenizer(tokenizer_training_text(corpus, config), languages, config, directory / "spm.model")
+    tokenizer = spm.SentencePieceProcessor(model_file=str(directory / "spm.model"))
+    tasks = config.tasks()
+    sizes: dict[str, dict[str, int]] = {task: {"requested": config.languages[lang]} for task, lang in zip(tasks, config.languages)}
+    for split in SPLITS:
+        pairs = oriented(corpus, config, split)
+        shards, texts = {}, {}
+        for task, lang in zip(tasks, config.languages):
+            _, tgt_lang = task_languages(task)
+            tag = tokenizer.piece_to_id(language_tag(tgt_lang))
+            if split == "train":
+                kept, src_ids, tgt_ids = take_short_pairs(tokenizer, pairs[task], config.languages[lang], config.max_len)
+                if len(kept) < config.languages[lang]:
+                    raise PolycatsError(
+                        f"data.languages.{lang} asks for {config.languages[lang]} training pairs but only {len(kept)} "
+                        f"have at most data.max_len={config.max_len} tokens per side; lower the count or raise max_len"
+                    )
+                sizes[task]["pool"] = len(pairs[task])
+            else:  # never filter valid/test: scores must cover the whole test set
+                kept = pairs[task]
+                src_ids = tokenizer.encode([src for src, _ in kept])
+                tgt_ids = tokenizer.encode([tgt for _, tgt in kept])
+                texts[task] = [{"src": src, "ref": tgt} for src, tgt in kept]
+            sizes[task][split] = len(kept)
+            shards[task] = {"src": pack([[tag, *ids, EOS] for ids in src_ids]), "tgt": pack([[*ids, EOS] for ids in tgt_ids])}
+        torch.save(shards, directory / f"{split}.pt")
+        if split != "train":
+            (directory / f"{split}.text.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+    groups = {task: config.groups.group(config.languages[lang]) for task, lang in zip(tasks, config.languages)}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": config.source,
+        "direction": config.direction,
+        "pivot": config.pivot,
+        "tasks": tasks,
+        "groups": groups,
+        "group_thresholds": config.groups.model_dump(),
+        "sizes": sizes,
+        "vocab_size": tokenizer.get_piece_size(),
+        "notes": corpus.notes,
+    }
+    atomic_write_json(directory / "meta.json", meta)
+
+
+def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
+    """Read the corpus and return its prepared directory, building it only on a cache miss."""
+    corpus = read_corpus(config)
+    key_source = json.dumps({"config": config.model_dump(mode="json"), "corpus": corpus_digest(corpus),
+                             "format": FORMAT_VERSION}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
+    root = Path(root) if root is not None else cache_dir() / "prepared"
+    directory = root / key
+    if not (directory / "meta.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+        try:
+            build(corpus, config, staging)
+            try:
+                staging.rename(directory)
+            except OSError:  # another process finished the same key first; theirs is identical
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return PreparedData(directory)

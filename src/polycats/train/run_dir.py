@@ -1,0 +1,115 @@
+"""A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/ — and how to rebuild
+the model and data of a finished run (used by evaluate, translate and analyze)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from polycats.balance.base import Balancer
+from polycats.config import Config, config_from_dict, load_config
+from polycats.data.prepare import PAD, PreparedData, prepare
+from polycats.errors import PolycatsError
+from polycats.model.transformer import Transformer, TransformerShape
+from polycats.train.checkpoint import load_checkpoint
+
+# Changing these on resume is allowed: they do not change what has been trained so far.
+RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("eval",)}
+
+
+def build_model(config: Config, vocab_size: int) -> Transformer:
+    m = config.model
+    return Transformer(TransformerShape(
+        vocab_size=vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
+        heads=m.heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
+        max_positions=max(1024, 2 * config.data.max_len + 64), pad_id=PAD,
+    ))
+
+
+def build_balancer(config: Config, tasks: list[str]) -> Balancer:
+    from polycats.balance.cats import CATS
+    from polycats.balance.scalar import ScalarBalancer
+
+    options = config.balancer
+    if options.name == "cats":
+        return CATS(tasks, options)
+    languages = dict(zip(tasks, config.data.languages))
+    weights = options.weights and {task: options.weights.get(lang, 1.0) for task, lang in languages.items()}
+    return ScalarBalancer(tasks, weights)
+
+
+def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str]:
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        path = (*prefix, key)
+        if any(path[: len(allowed)] == allowed for allowed in RESUMABLE_CHANGES):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_differences(a, b, path)
+        elif a != b:
+            differences.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
+    return differences
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def config(self) -> Config:
+        if not self.config_path.exists():
+            raise PolycatsError(f"{self.path} is not a polycats run directory (no config.yaml); train into it first")
+        return load_config(self.config_path)
+
+    def check_compatible(self, config: Config) -> None:
+        """Refuse to mix two experiments in one directory."""
+        if not self.config_path.exists():
+            return
+        import yaml
+
+        old = yaml.safe_load(self.config_path.read_text()) or {}
+        differences = config_differences(config_from_dict(old, str(self.config_path)).model_dump(mode="json"),
+                                         config.model_dump(mode="json"))
+        if differences:
+            shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+            raise PolycatsError(
+                f"{self.path} holds a run of a different config ({shown}); use a new --out directory or the same config"
+            )
+
+    def checkpoint_path(self, which: str = "last") -> Path:
+        path = self.checkpoints / f"{which}.pt"
+        if not path.exists():
+            raise PolycatsError(f"{path} does not exist; train the run first (polycats train CONFIG --out {self.path})")
+        return path
+
+    def prepared(self, config: Config | None = None) -> PreparedData:
+        return prepare((config or self.config()).data)
+
+    def load_model(self, which: str = "best", config: Config | None = None, data: PreparedData | None = None) -> Transformer:
+        config = config or self.config()
+        data = data or self.prepared(config)
+        model = build_model(config, data.vocab_size)
+        state = load_checkpoint(self.checkpoint_path(which))
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise PolycatsError(
+                f"checkpoint {self.checkpoint_path(which)} does not fit the model of {self.config_path} "
+                f"({str(error).splitlines()[0][:120]}); was it copied from another run?"
+            ) from None
+        model.eval()
+        return model
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
