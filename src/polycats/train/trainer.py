@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from polycats.balance.task_gradients import TaskLoss, backward_per_task
+from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
 from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sampling_probabilities
 from polycats.data.prepare import PAD, PreparedData, prepare
+from polycats.diagnostics.curvature import hessian_operator
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_text
 from polycats.model.transformer import Transformer, token_losses
@@ -153,7 +154,42 @@ class Trainer:
             save_checkpoint({"model": state["model"], "update": self.update}, self.run.checkpoints / f"update_{self.update:06d}.pt")
 
     # ------------------------------------------------------------------ steps
+    def batch_loss(self, batch: Batch) -> Tensor:
+        """The usual training loss of a batch (sum of token losses / tokens)."""
+        loss, _ = token_losses(self.model(batch.src, batch.tgt_in), batch.tgt_out, PAD, self.config.train.label_smoothing)
+        return loss.sum() / batch.target_tokens
+
+    def prepare_balancer(self, batch: Batch) -> None:
+        """Feed the optional balancer hooks: statistics from fixed validation batches
+        (``wants_valid_stats``/``observe``) and a curvature probe along a direction
+        (``curvature_probe``: d -> dᵀHd/‖d‖² on this batch, by one Hessian-vector product)."""
+        wants_valid = getattr(self.balancer, "wants_valid_stats", None)
+        if wants_valid is not None and wants_valid(self.update):
+            self.balancer.observe(self.valid_task_stats())
+        if hasattr(self.balancer, "curvature_probe"):
+            def probe(direction: Tensor) -> float:
+                operator = hessian_operator(self.model, lambda: self.batch_loss(batch))
+                return float(direction @ operator.matvec(direction) / (direction @ direction).clamp_min(1e-30))
+            self.balancer.curvature_probe = probe
+
+    def valid_task_stats(self):
+        """Per-task losses and gradients on one fixed validation batch per task (eval mode)."""
+        first = {}
+        for batch in self.valid_batches:
+            first.setdefault(int(batch.task[0]), batch)
+        total = sum(b.target_tokens for b in first.values())
+
+        def closure(batch: Batch):
+            def run() -> TaskLoss:
+                task_sum = self.batch_loss(batch) * batch.target_tokens
+                return TaskLoss(task_sum / total, mean=float(task_sum.detach()) / batch.target_tokens, tokens=batch.target_tokens)
+            return run
+
+        self.model.eval()
+        return per_task_gradients(self.params, [first.get(i) and closure(first[i]) for i in range(len(self.tasks))])
+
     def train_step(self, batch: Batch) -> dict[str, float]:
+        self.prepare_balancer(batch)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         smoothing = self.config.train.label_smoothing
@@ -175,7 +211,7 @@ class Trainer:
             row_tokens = (batch.tgt_out != PAD).sum(dim=1)
             self.totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
             task_sums = torch.zeros(len(self.tasks)).index_add(0, batch.task, loss.sum(dim=1))
-            ((self.balancer.loss_weights() * task_sums).sum() / total_tokens).backward()
+            ((self.balancer.loss_weights().to(task_sums) * task_sums).sum() / total_tokens).backward()
         clip = self.config.train.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):
