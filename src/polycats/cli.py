@@ -102,6 +102,37 @@ def translate(
 
 
 @app.command()
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="best, last or a .pt path (default: every update_N.pt snapshot, for curves)")] = None,
+    sentences: Annotated[int, typer.Option(help="training sentences per task in the fixed diagnostic batches")] = 32,
+    method: Annotated[str, typer.Option(help="power_iteration or lanczos")] = "power_iteration",
+    tol: Annotated[float, typer.Option(help="relative tolerance of the eigenvalue")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed of the diagnostic batches and the eigen solver")] = 0,
+) -> None:
+    """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
+    from rich.table import Table
+
+    from polycats.diagnostics.analyze import DiagnosticSettings, analyze_run
+
+    if method not in ("power_iteration", "lanczos"):
+        raise PolycatsError(f"--method must be power_iteration or lanczos, not '{method}'")
+    if sentences < 1 or tol <= 0:
+        raise PolycatsError("--sentences must be >= 1 and --tol > 0")
+    summary = analyze_run(run_dir, checkpoint, DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol))
+    rows = summary["checkpoints"]
+    keys = sorted({k for row in rows for k in row if k != "update"})
+    table = Table(title=f"{run_dir} — diagnostics (λ_max: largest algebraic Hessian eigenvalue)")
+    table.add_column("measure")
+    for row in rows:
+        table.add_column(f"update {row['update']}", justify="right")
+    for key in keys:
+        table.add_row(key, *(f"{row[key]:.4g}" if row.get(key) is not None else "—" for row in rows))
+    console.print(table)
+    console.print(f"written: {Path(run_dir) / 'analysis'}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
     set_: SetOption = None,

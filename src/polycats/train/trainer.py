@@ -151,7 +151,8 @@ class Trainer:
         state = self.state(metrics.offset())
         save_checkpoint(state, self.run.checkpoints / "last.pt")
         if self.config.train.keep_snapshots:
-            save_checkpoint({"model": state["model"], "update": self.update}, self.run.checkpoints / f"update_{self.update:06d}.pt")
+            snapshot = {"model": state["model"], "balancer": state["balancer"], "update": self.update}
+            save_checkpoint(snapshot, self.run.checkpoints / f"update_{self.update:06d}.pt")
 
     # ------------------------------------------------------------------ steps
     def batch_loss(self, batch: Batch) -> Tensor:
@@ -231,6 +232,14 @@ class Trainer:
             totals.add(batch.task, nll.sum(dim=1), (batch.tgt_out != PAD).sum(dim=1))
         return totals.summary("valid_nll", self.tasks, self.groups)
 
+    def diagnostics(self) -> dict[str, float]:
+        """HiRes/LoRes gradient cosine and top Hessian eigenvalues (groups, combined loss) on fixed
+        training batches; the random state is untouched, so logging them does not change training."""
+        from polycats.diagnostics.analyze import combined_weights, training_diagnostics
+
+        weights = combined_weights(self.tasks, self.probabilities.tolist(), self.balancer.loss_weights().tolist())
+        return training_diagnostics(self.model, self.data, weights)
+
     # ------------------------------------------------------------------ the loop
     def resume_state(self) -> dict | None:
         last = self.run.checkpoints / "last.pt"
@@ -286,6 +295,8 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                     progress.update(task_id, status=f"nll {values.get('train_nll', float('nan')):.2f} · {values['tokens_per_s']:,.0f} tok/s")
                 progress.update(task_id, completed=self.update)
+                if t.diagnostics_every and (self.update % t.diagnostics_every == 0 or self.update == 1):
+                    metrics.log("diagnostics", self.update, self.diagnostics())
                 if self.update % t.valid_every == 0 or self.update == t.max_updates:
                     last_valid = self.validate()
                     improved = last_valid["valid_nll"] < self.best_valid

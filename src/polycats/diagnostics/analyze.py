@@ -1,0 +1,157 @@
+"""Diagnostics of a run: gradient similarity and curvature on fixed, seeded training batches, for
+one checkpoint (``analyze_model``), every saved snapshot (``analyze_run``, the Fig 5 curves) or
+periodically during training (``train.diagnostics_every``).
+
+The batches: ``sentences`` training sentences per task, drawn once with a fixed seed, so the
+numbers of different checkpoints and different runs of the same data are comparable. The combined
+loss is the one the trainer optimises in expectation: task ``i`` weighted by its sampling
+probability ``p_i`` times the balancer's loss weight (α for CATS), i.e. ``w_i = K p_i α_i`` on
+batches with one equal share per task.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from polycats.data.batching import collate
+from polycats.data.prepare import PAD, PreparedData
+from polycats.diagnostics.curvature import curvature_report
+from polycats.diagnostics.gradients import LossClosure, gradient_similarity, translation_loss
+from polycats.errors import PolycatsError
+from polycats.io import atomic_write_json
+from polycats.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class DiagnosticSettings:
+    sentences: int = 32  # per task
+    seed: int = 0
+    method: str = "power_iteration"
+    tol: float = 1e-3
+    max_iter: int = 100
+    include_tasks: bool = True  # per-task eigenvalues (groups and combined are always computed)
+
+    def solver(self) -> dict:
+        return {"method": self.method, "tol": self.tol, "max_iter": self.max_iter, "seed": self.seed}
+
+
+def diagnostic_closures(model: Transformer, data: PreparedData, sentences: int, seed: int) -> dict[str, LossClosure]:
+    """One fixed, seeded batch of training sentences per task, as token-NLL closures."""
+    closures = {}
+    for index, (task, arrays) in enumerate(data.split("train").items()):
+        rows = random.Random(f"{seed}/{task}/diagnostics").sample(range(len(arrays)), min(sentences, len(arrays)))
+        batch = collate([arrays.src[i] for i in rows], [arrays.tgt[i] for i in rows], [index] * len(rows))
+        closures[task] = translation_loss(model, batch.src, batch.tgt_in, batch.tgt_out, PAD)
+    return closures
+
+
+def group_members(groups: dict[str, str]) -> dict[str, list[str]]:
+    members: dict[str, list[str]] = {}
+    for task, group in groups.items():
+        members.setdefault(group, []).append(task)
+    return members
+
+
+def combined_weights(tasks: list[str], probabilities: list[float], loss_weights: list[float]) -> dict[str, float]:
+    return {task: len(tasks) * p * w for task, p, w in zip(tasks, probabilities, loss_weights)}
+
+
+def analyze_model(
+    model: Transformer,
+    data: PreparedData,
+    weights: dict[str, float],
+    settings: DiagnosticSettings = DiagnosticSettings(),
+) -> dict:
+    """Similarity (tasks and groups) and curvature (tasks, groups, combined) of one model."""
+    closures = diagnostic_closures(model, data, settings.sentences, settings.seed)
+    groups = group_members(data.meta["groups"])
+    similarity = gradient_similarity(model, closures, groups=groups)
+    curvature = curvature_report(model, closures, groups, weights, include_tasks=settings.include_tasks, **settings.solver())
+    summary = {}
+    if {"HiRes", "LoRes"} <= set(groups):
+        summary["cosine/HiRes-LoRes"] = similarity.cosine("HiRes", "LoRes")
+        summary["norm_similarity/HiRes-LoRes"] = similarity.norm_similarity("HiRes", "LoRes")
+    for name, result in curvature.groups.items():
+        summary[f"lambda_max/{name}"] = result.largest_algebraic
+    if curvature.combined is not None:
+        summary["lambda_max/combined"] = curvature.combined.largest_algebraic
+        summary["lambda_maxabs/combined"] = curvature.combined.largest_magnitude
+    for name, result in curvature.tasks.items():
+        summary[f"lambda_max/{name}"] = result.largest_algebraic
+    return {"summary": summary, "similarity": similarity, "curvature": curvature}
+
+
+SNAPSHOT = re.compile(r"update_(\d+)\.pt$")
+
+
+def run_snapshots(checkpoints: Path) -> list[tuple[int, Path]]:
+    found = sorted((int(m.group(1)), path) for path in checkpoints.glob("update_*.pt") if (m := SNAPSHOT.search(path.name)))
+    return found
+
+
+def analyze_run(run_dir: str | Path, checkpoint: str | None = None, settings: DiagnosticSettings = DiagnosticSettings()) -> dict:
+    """Analyse one checkpoint (``best``, ``last`` or a path) or, by default, every snapshot.
+
+    Writes ``RUN_DIR/analysis/``: ``similarity_<update>.json/.csv``, ``curvature.json`` (all
+    checkpoints), ``summary.json`` and the figures.
+    """
+    from polycats.data.batching import sampling_probabilities
+    from polycats.train.checkpoint import load_checkpoint
+    from polycats.train.run_dir import RunDir, build_balancer, build_model
+    from polycats.report.figures import similarity_heatmap, training_curves
+
+    run = RunDir(run_dir)
+    config = run.config()
+    data = run.prepared(config)
+    if checkpoint is None:
+        targets = run_snapshots(run.checkpoints)
+        if not targets:
+            raise PolycatsError(f"no update_*.pt snapshots in {run.checkpoints}; train with train.keep_snapshots=true or pass --checkpoint")
+    else:
+        path = Path(checkpoint) if checkpoint.endswith(".pt") else run.checkpoint_path(checkpoint)
+        targets = [(-1, path)]
+    train = data.split("train")
+    probabilities = sampling_probabilities({t: len(train[t]) for t in data.tasks}, config.sampling.temperature,
+                                           config.sampling.weights and {t: config.sampling.weights.get(lang, 0.0)
+                                                                        for t, lang in zip(data.tasks, config.data.languages)})
+    out = run.path / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    curves, curvature_all = [], {}
+    model = build_model(config, data.vocab_size)
+    for update, path in targets:
+        state = load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        update = int(state.get("update", update))
+        balancer = build_balancer(config, data.tasks)
+        if "balancer" in state:
+            balancer.load_state_dict(state["balancer"])
+        weights = combined_weights(data.tasks, probabilities.tolist(), balancer.loss_weights().tolist())
+        result = analyze_model(model, data, weights, settings)
+        result["similarity"].write_json(out / f"similarity_{update:06d}.json")
+        result["similarity"].write_csv(out / f"similarity_{update:06d}.csv")
+        curvature_all[str(update)] = result["curvature"].to_dict()
+        curves.append({"update": update, **result["summary"]})
+        similarity_heatmap(result["similarity"], out / f"similarity_{update:06d}.png", title=f"{config.name} update {update}")
+    summary = {"run": str(run.path), "settings": settings.__dict__, "checkpoints": curves}
+    atomic_write_json(out / "curvature.json", curvature_all)
+    atomic_write_json(out / "summary.json", summary)
+    if len(curves) > 1:
+        training_curves({config.name: curves}, out / "curves.png")
+    return summary
+
+
+def training_diagnostics(model: Transformer, data: PreparedData, weights: dict[str, float]) -> dict[str, float]:
+    """The cheap periodic version logged by the trainer: groups and combined only, 16 sentences
+    per task, power iteration to 1% (documented in docs/diagnostics.md)."""
+    settings = DiagnosticSettings(sentences=16, tol=1e-2, max_iter=30, include_tasks=False)
+    was_training = model.training
+    try:
+        with torch.random.fork_rng():
+            return analyze_model(model, data, weights, settings)["summary"]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,48 @@
+"""Figures (matplotlib, Agg backend, PNG): similarity heatmaps and curves over training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def similarity_heatmap(similarity, path: Path, title: str = "") -> None:
+    """Paper Fig 2: parameters (x) × task/group pairs (y), direction and norm similarity."""
+    fig, axes = plt.subplots(2, 1, figsize=(14, 7), constrained_layout=True)
+    for ax, kind, label in ((axes[0], "cosine", "direction (cosine)"), (axes[1], "norm_similarity", "norm similarity")):
+        pairs, parameters, values = similarity.heatmap(kind)
+        matrix = np.asarray(values, dtype=float)
+        image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r" if kind == "cosine" else "viridis",
+                          vmin=-1 if kind == "cosine" else 0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(pairs)), pairs, fontsize=7)
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(parameters)} parameter tensors (encoder → decoder)")
+        ax.set_title(f"{title} — {label}")
+        fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Paper Fig 5: λ_max (HiRes, LoRes, combined) and the HiRes/LoRes cosine over updates, one
+    line per run."""
+    keys = [("lambda_max/HiRes", "λ_max HiRes"), ("lambda_max/LoRes", "λ_max LoRes"),
+            ("lambda_max/combined", "λ_max combined"), ("cosine/HiRes-LoRes", "cosine HiRes/LoRes")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), constrained_layout=True)
+    for ax, (key, label) in zip(axes, keys):
+        for name, points in runs.items():
+            xs = [p["update"] for p in points if p.get(key) is not None]
+            ys = [p[key] for p in points if p.get(key) is not None]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(label)
+        ax.set_xlabel("update")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
