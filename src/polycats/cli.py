@@ -88,15 +88,19 @@ def translate(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last")] = None,
 ) -> None:
     """Translate stdin to stdout, one sentence per line."""
-    from polycats.evaluate.run import translate_lines
-
     raw = sys.stdin.buffer.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise PolycatsError(f"standard input line {line} is not valid UTF-8; send UTF-8 text") from None
-    lines = text.splitlines()
+    # One output line per input line: split on newlines only (str.splitlines would also split on
+    # U+2028, U+0085, form feeds ... inside a sentence and misalign the output).
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
+    from polycats.evaluate.run import translate_lines
+
     for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint):
         sys.stdout.write(output + "\n")
 

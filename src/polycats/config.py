@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -172,6 +173,24 @@ class Config(Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads no/yes/on/off as
+    booleans, which would turn language codes such as Norwegian ``no`` (OPUS-100) into ``False``."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def set_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``{de: 10}``)."""
     if "=" not in assignment:
@@ -189,9 +208,13 @@ def set_override(tree: dict[str, Any], assignment: str) -> None:
             raise PolycatsError(f"--set '{assignment}': '{part}' is a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+        node[parts[-1]] = parse_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError:
         node[parts[-1]] = raw
+
+
+def balancer_names() -> list[str]:
+    return [repr(option.model_fields["name"].default) for option in get_args(get_args(BalancerConfig)[0])]
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:
@@ -202,7 +225,9 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see configs/ for the known fields)"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown balancer; choose one of: {', '.join(item['ctx']['expected_tags'].split(', '))}"
+            message = f"unknown balancer {item['ctx']['tag']!r}; choose one of: {item['ctx']['expected_tags']}"
+        elif item["type"] == "union_tag_not_found":
+            message = f"missing 'name'; choose one of: {', '.join(balancer_names())}"
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         problems.append(f"field '{field}': {message}{shown}")
@@ -226,7 +251,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as error:
         raise PolycatsError(f"cannot read config file {path}: {error}") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = parse_yaml(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

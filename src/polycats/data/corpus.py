@@ -22,7 +22,9 @@ Pair = tuple[str, str]
 
 _WHITESPACE = re.compile(r"\s+")
 # Zero-width and control characters carry no text; SentencePiece would make pieces of them.
-_INVISIBLE = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f\u200b\u2060\ufeff]")
+# Whitespace controls (tab, newline, VT, FF, CR, the separators U+001C-U+001F) are not here: they
+# separate words and become one space below.
+_INVISIBLE = re.compile(r"[\u0000-\u0008\u000e-\u001b\u007f\u200b\u2060\ufeff]")
 
 
 def normalise(text: str) -> str:
@@ -139,9 +141,10 @@ def held_out_chapters(verses: dict[Verse, str], valid_n: int, test_n: int, seed:
 
 
 def read_bible(config: DataConfig) -> ParallelCorpus:
+    codes = {lang: bible_translation(lang, config) for lang in [config.pivot, *config.languages]}  # fail fast
     db = bible_db_path()
-    pivot = read_bible_verses(bible_translation(config.pivot, config), db)
-    texts = {lang: read_bible_verses(bible_translation(lang, config), db) for lang in config.languages}
+    pivot = read_bible_verses(codes[config.pivot], db)
+    texts = {lang: read_bible_verses(codes[lang], db) for lang in config.languages}
     # A margin of 25% over the requested sizes leaves room for verses empty in some language.
     valid_chapters, test_chapters = held_out_chapters(
         pivot, int(config.valid_per_lang * 1.25) + 30, int(config.test_per_lang * 1.25) + 30, config.split_seed
@@ -155,10 +158,14 @@ def read_bible(config: DataConfig) -> ParallelCorpus:
         for lang, text in texts.items():
             corpus.pairs[split][lang] = [(text[k], pivot[k]) for k in keys]
     held_out = valid_chapters | test_chapters
+    # Some verses repeat another verse's English word for word (genealogies, Numbers 7, refrains):
+    # a training verse with the text of any held-out verse would leak that reference into training.
+    held_out_text = {text for key, text in pivot.items() if key[:2] in held_out}
     for lang, text in texts.items():
-        pool = [(text[k], pivot[k]) for k in sorted(pivot) if k[:2] not in held_out and text.get(k) and pivot[k]]
+        pool = [(text[k], pivot[k]) for k in sorted(pivot)
+                if k[:2] not in held_out and text.get(k) and pivot[k] and pivot[k] not in held_out_text]
         corpus.pairs["train"][lang] = training_pool(
-            pool, config.languages[lang], lang, config.split_seed, f"the Bible translation '{bible_translation(lang, config)}'"
+            pool, config.languages[lang], lang, config.split_seed, f"the Bible translation '{codes[lang]}'"
         )
     corpus.notes["held_out_chapters"] = f"valid {len(valid_chapters)}, test {len(test_chapters)} of 1189"
     return corpus
@@ -212,14 +219,17 @@ def read_text(config: DataConfig) -> ParallelCorpus:
     root = Path(config.path)
     if not root.is_dir():
         raise PolycatsError(f"data.path {root} is not a directory of train/valid/test.xx-{config.pivot}.* files")
-    return assemble(config, lambda split, lang: read_text_pairs(root, split, lang, config.pivot), str(root))
+    return assemble(
+        config, lambda split, lang: read_text_pairs(root, split, lang, config.pivot),
+        lambda lang: str(text_pair_files(root, "train", lang, config.pivot)[0]),
+    )
 
 
-def assemble(config: DataConfig, read, where: str) -> ParallelCorpus:
-    """Seeded training pools, valid/test capped at *_per_lang."""
+def assemble(config: DataConfig, read, where) -> ParallelCorpus:
+    """Seeded training pools, valid/test capped at *_per_lang; ``where(lang)`` names the training data in errors."""
     corpus = ParallelCorpus(pivot=config.pivot)
     for lang, wanted in config.languages.items():
-        corpus.pairs["train"][lang] = training_pool(read("train", lang), wanted, lang, config.split_seed, where)
+        corpus.pairs["train"][lang] = training_pool(read("train", lang), wanted, lang, config.split_seed, where(lang))
         corpus.pairs["valid"][lang] = read("valid", lang)[: config.valid_per_lang]
         corpus.pairs["test"][lang] = read("test", lang)[: config.test_per_lang]
     return corpus
@@ -239,6 +249,7 @@ def read_hf_disk(config: DataConfig) -> ParallelCorpus:
         raise PolycatsError("data.source 'hf_disk' needs the datasets package: pip install 'polycats[hf]'") from None
     root = Path(config.path)
     loaded: dict[str, object] = {}
+    loaded_from: dict[str, Path] = {}
 
     def read(split: str, lang: str) -> list[Pair]:
         if lang not in loaded:
@@ -250,6 +261,11 @@ def read_hf_disk(config: DataConfig) -> ParallelCorpus:
                 loaded[lang] = datasets.load_from_disk(str(directory))
             except Exception as error:  # datasets raises many types for a bad directory
                 raise PolycatsError(f"cannot load {directory} with datasets.load_from_disk: {error}") from None
+            if not isinstance(loaded[lang], datasets.DatasetDict):
+                raise PolycatsError(
+                    f"{directory} holds a single dataset; save a DatasetDict with train/validation/test splits"
+                )
+            loaded_from[lang] = directory
         dataset = loaded[lang]
         name = HF_SPLITS[split]
         if name not in dataset:
@@ -263,7 +279,7 @@ def read_hf_disk(config: DataConfig) -> ParallelCorpus:
             raise PolycatsError(f"'translation' rows for '{lang}' in {root} must be {{'{lang}': ..., '{config.pivot}': ...}}") from None
         return clean_pairs(pairs)
 
-    return assemble(config, read, str(root))
+    return assemble(config, read, lambda lang: f"the '{HF_SPLITS['train']}' split of {loaded_from[lang]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PolycatsError(f"checkpoint {path} does not exist") from None
+    except OSError as error:  # a directory, no permission, an I/O error
+        raise PolycatsError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's messages carry terminal colours
+        first_line = message.splitlines()[0] if message else type(error).__name__
         raise PolycatsError(
             f"checkpoint {path} is corrupt or not a safe polycats checkpoint ({first_line[:160]}); "
             "delete it or point to another checkpoint"

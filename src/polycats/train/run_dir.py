@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from polycats.balance.base import Balancer
-from polycats.config import Config, config_from_dict, load_config
+from polycats.config import Config, load_config
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.errors import PolycatsError
 from polycats.model.transformer import Transformer, TransformerShape
@@ -74,11 +74,7 @@ class RunDir:
         """Refuse to mix two experiments in one directory."""
         if not self.config_path.exists():
             return
-        import yaml
-
-        old = yaml.safe_load(self.config_path.read_text()) or {}
-        differences = config_differences(config_from_dict(old, str(self.config_path)).model_dump(mode="json"),
-                                         config.model_dump(mode="json"))
+        differences = config_differences(load_config(self.config_path).model_dump(mode="json"), config.model_dump(mode="json"))
         if differences:
             shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
             raise PolycatsError(
