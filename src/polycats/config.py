@@ -18,6 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polycats.balance.cats import CatsConfig
+from polycats.balance.dro import DROConfig
+from polycats.balance.gradvac import GradVacConfig
+from polycats.balance.torchjd_peers import (
+    AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, UPGradConfig,
+)
 from polycats.errors import PolycatsError
 
 
@@ -109,7 +114,11 @@ class ScalarConfig(Section):
     weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights")
 
 
-BalancerConfig = Annotated[ScalarConfig | CatsConfig, Field(discriminator="name")]
+BalancerConfig = Annotated[
+    ScalarConfig | CatsConfig | PCGradConfig | GradVacConfig | MGDAConfig | CAGradConfig | NashMTLConfig | UPGradConfig
+    | GradDropConfig | IMTLGConfig | AlignedMTLConfig | DROConfig,
+    Field(discriminator="name"),
+]
 
 
 class ModelConfig(Section):

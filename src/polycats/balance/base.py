@@ -12,6 +12,16 @@ pass per task sub-batch, see :mod:`polycats.balance.task_gradients`). A balancer
 them only provides ``loss_weights()`` and the trainer does one ordinary backward pass of
 ``sum_i w_i S_i / N``.
 
+Optional hooks, called by the trainer only when a balancer has them (``getattr``):
+
+* ``observe_losses(losses [K], tokens [K])`` — after each loss-weighted step's backward pass, the
+  step's per-task mean losses ``L_i`` and target tokens ``n_i`` (0 = absent); for weights that
+  follow the losses (χ²-DRO).
+* ``set_parameters(named_parameters)`` — once, the trainable named parameters in the order of the
+  flat gradient rows; for per-parameter-group methods (GradVac).
+* ``wants_valid_stats(update)`` / ``observe(stats)`` and ``curvature_probe`` — CATS
+  (``polycats.balance.cats``).
+
 Notation (``docs/cats.md``): on a batch, task ``i`` contributes the token-NLL sum ``S_i`` over its
 ``n_i`` target tokens, ``N = sum_i n_i``; ``L_i = S_i / n_i`` and ``g_i = grad(S_i / N)``, so
 ``sum_i g_i`` is the usual gradient.

@@ -127,7 +127,7 @@ def analyze_run(run_dir: str | Path, checkpoint: str | None = None, settings: Di
         state = load_checkpoint(path)
         model.load_state_dict(state["model"])
         update = int(state.get("update", update))
-        balancer = build_balancer(config, data.tasks)
+        balancer = build_balancer(config, data.tasks, probabilities)
         if "balancer" in state:
             balancer.load_state_dict(state["balancer"])
         weights = combined_weights(data.tasks, probabilities.tolist(), balancer.loss_weights().tolist())

@@ -92,10 +92,13 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = config.train
         self.optimizer = torch.optim.Adam(self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-        self.balancer = build_balancer(config, self.tasks)
         train = self.data.split("train")
         sizes = {task: len(train[task]) for task in self.tasks}
         self.probabilities = sampling_probabilities(sizes, config.sampling.temperature, self.sampling_weights())
+        self.balancer = build_balancer(config, self.tasks, self.probabilities)
+        set_parameters = getattr(self.balancer, "set_parameters", None)  # layout of the flat gradient (gradvac)
+        if set_parameters is not None:
+            set_parameters([(name, p) for name, p in self.model.named_parameters() if p.requires_grad])
         self.stream = BatchStream(train, self.probabilities, t.max_tokens, t.seed)
         self.valid_batches = fixed_batches(self.data.split("valid"), t.max_tokens)
         self.update = 0
@@ -213,6 +216,10 @@ class Trainer:
             self.totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
             task_sums = torch.zeros(len(self.tasks)).index_add(0, batch.task, loss.sum(dim=1))
             ((self.balancer.loss_weights().to(task_sums) * task_sums).sum() / total_tokens).backward()
+            observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro)
+            if observe_losses is not None:
+                task_tokens = torch.zeros(len(self.tasks)).index_add(0, batch.task, row_tokens.to(torch.float32))
+                observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         clip = self.config.train.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):

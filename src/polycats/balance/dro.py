@@ -1,0 +1,276 @@
+"""χ²-DRO over languages (Zhou, Levy, Li, Ghazvininejad & Neubig, 2021, "Distributionally Robust
+Multilingual Machine Translation"); the reference for readers is ``docs/peers.md``.
+
+Instead of the expected loss under the sampling distribution ``p`` (temperature sampling), train
+on the worst case over task distributions ``q`` close to ``p``::
+
+    max_q  Σ_i q_i L̂_i    s.t.   q ∈ simplex,   D_χ²(q ‖ p) = Σ_i (q_i − p_i)² / p_i <= ρ
+
+with ``L̂_i`` an exponential moving average (decay ``ema_decay``, started at the first value) of
+task ``i``'s mean training loss. The batches keep coming from ``p``; the trainer scales task
+``i``'s loss by the importance ratio ``w_i = q_i / p_i``, so the expected training loss
+``Σ_i p_i w_i L_i`` is the ``q``-weighted loss. This is a **loss-weighting** balancer
+(``needs_task_gradients = False``): one ordinary backward pass per step.
+
+Exact solution (:func:`chi2_worst_case`)
+----------------------------------------
+The problem is a linear objective over a convex set with ``p`` strictly inside (Slater), so KKT
+is sufficient. Stationarity gives ``q_i = p_i (L_i − c)_+ / λ`` with ``λ = Σ_j p_j (L_j − c)_+``
+(so ``Σ q = 1``) and the shift ``c`` set by the active χ² constraint,
+``f(c) = E_p[(L − c)_+²] / E_p[(L − c)_+]² = 1 + ρ``. ``f`` is non-decreasing in ``c`` (its
+derivative is ``2(bπ − a²)/a³ >= 0`` by Cauchy–Schwarz, with ``a, b`` the first and second
+moments of ``(L − c)_+`` and ``π = P_p(L > c)``), so:
+
+* if no task is clipped, ``c = E_p L − sqrt(Var_p L / ρ)`` in closed form and
+  ``q_i = p_i (1 + sqrt(ρ / Var_p L) (L_i − E_p L))``;
+* if ``1 + ρ >= 1 / p(argmax L)`` the ball reaches the vertex: ``q`` is ``p`` restricted to the
+  tasks of largest loss (renormalised), and the constraint may be slack;
+* otherwise ``c`` is found by bisection on ``[min L, max L]`` to machine precision.
+
+Equal losses give ``q = p``. Tasks with ``p_i = 0`` get ``q_i = 0`` and weight 0 (they are never
+sampled). Zhou et al. solve the same inner problem (iterated best response); the defaults here
+(``rho = 0.1``, ``ema_decay = 0.9``, update every step) are ours, not the paper's tuned values.
+
+Schedule and protocol
+---------------------
+The trainer calls :meth:`ChiSquareDRO.observe_losses` after each step's backward pass with the
+step's per-task mean losses ``[K]`` and target tokens ``[K]`` (``tokens == 0``: absent, not
+folded in). On observation ``t`` (0-based) with ``t >= warmup_steps`` and ``(t − warmup_steps)
+% update_every == 0``, ``q`` is recomputed from the EMA, so the *next* step's
+``loss_weights()`` use it. Until every task with ``p_i > 0`` has been seen once, ``q = p``
+(``w = 1``). Non-finite losses are not folded in (counted in ``dro/skipped_nonfinite``).
+``combine(stats)`` (library use through ``backward_per_task``) applies ``wᵀ G`` and then
+observes ``stats.losses``.
+
+Observability: ``weight/<task>`` (``w_i = q_i / p_i``), ``dro_q/<task>``, ``dro_loss/<task>``
+(the EMA, tasks seen so far), ``dro/chi2`` (``D_χ²(q ‖ p)``, at most ``rho``),
+``dro/worst_case_loss`` (``Σ q_i L̂_i``), ``dro/expected_loss`` (``Σ p_i L̂_i``), ``dro/updates``,
+``dro/skipped_nonfinite``.
+
+Example
+-------
+>>> import torch
+>>> from polycats.balance.dro import ChiSquareDRO
+>>> dro = ChiSquareDRO(["de-en", "sw-en"], [0.8, 0.2], rho=0.1)
+>>> dro.observe_losses(torch.tensor([2.0, 4.0]), torch.tensor([800.0, 200.0]))
+>>> [round(float(w), 3) for w in dro.loss_weights()]   # the LoRes task's loss is up-weighted
+[0.842, 1.632]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from polycats.balance.base import TaskStats
+
+
+class DROConfig(BaseModel):
+    """Options of χ²-DRO (``balancer.*`` when ``balancer.name: dro``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["dro"] = "dro"
+    rho: float = Field(0.1, gt=0, description="radius of the χ² ball around the sampling distribution p")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="decay of the EMA of each task's mean loss")
+    warmup_steps: int = Field(0, ge=0, description="keep q = p (weights 1) for this many steps")
+    update_every: int = Field(1, ge=1, description="recompute q every this many steps")
+
+
+def chi2_divergence(q: np.ndarray, p: np.ndarray) -> float:
+    """``Σ_i (q_i − p_i)² / p_i`` over ``p_i > 0`` (``inf`` if ``q`` has mass where ``p`` has none)."""
+    support = p > 0
+    if np.any(q[~support] > 0):
+        return math.inf
+    return float(np.sum((q[support] - p[support]) ** 2 / p[support]))
+
+
+def chi2_worst_case(losses: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray, rho: float) -> np.ndarray:
+    """The exact maximiser ``q`` of ``Σ q_i L_i`` over ``{q ∈ simplex, Σ (q_i − p_i)²/p_i <= ρ}``.
+
+    ``p`` is normalised; entries with ``p_i = 0`` get ``q_i = 0`` (their loss is ignored).
+    """
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    if losses.shape != p.shape:
+        raise ValueError(f"losses {losses.shape} and p {p.shape} differ in shape")
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    if np.any(p < 0) or not p.sum() > 0:
+        raise ValueError(f"p must be non-negative with a positive sum, got {p.tolist()}")
+    p = p / p.sum()
+    support = p > 0
+    q = np.zeros_like(p)
+    ps, ls = p[support], losses[support]
+    if not np.all(np.isfinite(ls)):
+        raise ValueError(f"losses must be finite, got {losses.tolist()}")
+    low, high = float(ls.min()), float(ls.max())
+    if high - low <= 1e-12 * max(1.0, abs(high)):
+        q[support] = ps
+        return q
+    mean = float(ps @ ls)
+    variance = float(ps @ (ls - mean) ** 2)
+    shift = mean - math.sqrt(variance / rho)
+    if shift <= low:  # nobody is clipped: the closed form
+        q[support] = ps * (ls - shift) / (mean - shift)
+        return q
+    top = ls >= high
+    if 1.0 / float(ps[top].sum()) <= 1.0 + rho:  # the ball reaches the largest-loss vertex
+        q[support] = np.where(top, ps, 0.0) / float(ps[top].sum())
+        return q
+
+    def ratio(c: float) -> float:
+        excess = np.maximum(ls - c, 0.0)
+        first = float(ps @ excess)
+        return float(ps @ excess**2) / (first * first)
+
+    for _ in range(200):  # f(low) < 1 + ρ < f(high⁻); f is non-decreasing
+        middle = 0.5 * (low + high)
+        if middle <= low or middle >= high:
+            break
+        if ratio(middle) <= 1.0 + rho:
+            low = middle
+        else:
+            high = middle
+    excess = np.maximum(ls - low, 0.0)
+    q[support] = ps * excess / float(ps @ excess)
+    return q
+
+
+class ChiSquareDRO:
+    """χ²-DRO task weights ``w_i = q_i / p_i`` (a loss-weighting balancer).
+
+    ``ChiSquareDRO(tasks, probabilities, config=None, **overrides)``: ``probabilities`` is the
+    sampling distribution ``p`` in task order (the trainer's ``sampling_probabilities``);
+    overrides are :class:`DROConfig` fields.
+    """
+
+    needs_task_gradients = False
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        probabilities: Sequence[float] | np.ndarray | Tensor,
+        config: DROConfig | None = None,
+        **overrides: Any,
+    ):
+        if not tasks:
+            raise ValueError("DRO needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"DRO task names must be unique, got {list(tasks)}")
+        base = (config or DROConfig()).model_dump()
+        self.config = DROConfig.model_validate({**base, **overrides})
+        self.tasks = list(tasks)
+        k = len(self.tasks)
+        p = np.asarray(torch.as_tensor(probabilities, dtype=torch.float64).cpu(), dtype=np.float64).reshape(-1)
+        if p.shape != (k,) or np.any(p < 0) or not np.all(np.isfinite(p)) or not p.sum() > 0:
+            raise ValueError(f"DRO needs {k} sampling probabilities >= 0 with a positive sum, got {p.tolist()}")
+        self.probabilities = p / p.sum()
+        self._q = self.probabilities.copy()
+        self._loss_ema = np.zeros(k)
+        self._seen = np.zeros(k, dtype=bool)
+        self._steps = 0
+        self._updates = 0
+        self._skipped_nonfinite = 0
+
+    @property
+    def q(self) -> Tensor:
+        """``[K]`` the current adversarial distribution (float64 copy)."""
+        return torch.tensor(self._q, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ Balancer protocol
+
+    def loss_weights(self) -> Tensor:
+        """``[K]`` float32 importance ratios ``q_i / p_i`` (0 where ``p_i = 0``)."""
+        p = self.probabilities
+        ratio = np.divide(self._q, p, out=np.zeros_like(p), where=p > 0)
+        return torch.tensor(ratio, dtype=torch.float32)
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        """Fold one step's per-task mean losses ``[K]`` (tasks with ``tokens > 0``) into the EMA and
+        recompute ``q`` when the schedule selects this step."""
+        k = len(self.tasks)
+        values = torch.as_tensor(losses).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        present = torch.as_tensor(tokens).detach().to("cpu").reshape(-1).numpy() > 0
+        if values.shape != (k,) or present.shape != (k,):
+            raise ValueError(f"DRO expects losses and tokens of shape [{k}], got {values.shape} and {present.shape}")
+        if not np.all(np.isfinite(values[present])):
+            self._skipped_nonfinite += 1
+        else:
+            decay = self.config.ema_decay
+            first = present & ~self._seen
+            again = present & self._seen
+            self._loss_ema[first] = values[first]
+            self._loss_ema[again] = decay * self._loss_ema[again] + (1 - decay) * values[again]
+            self._seen |= present
+        cfg = self.config
+        step = self._steps
+        self._steps += 1
+        if step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.update_every == 0:
+            if np.all(self._seen[self.probabilities > 0]):
+                self._q = chi2_worst_case(self._loss_ema, self.probabilities, cfg.rho)
+                self._updates += 1
+
+    def combine(self, stats: TaskStats) -> Tensor:
+        """``wᵀ G`` with the current weights, then :meth:`observe_losses` of ``stats``."""
+        if stats.grads is None:
+            raise ValueError("DRO.combine needs per-task gradients (stats.grads is None)")
+        direction = self.loss_weights().to(stats.grads) @ stats.grads
+        self.observe_losses(stats.losses, stats.tokens)
+        return direction
+
+    def log_values(self) -> dict[str, float]:
+        weights = self.loss_weights()
+        values = {f"weight/{task}": float(w) for task, w in zip(self.tasks, weights)}
+        values.update({f"dro_q/{task}": float(q) for task, q in zip(self.tasks, self._q)})
+        values.update({f"dro_loss/{task}": float(v) for task, v, s in zip(self.tasks, self._loss_ema, self._seen) if s})
+        values.update(
+            {
+                "dro/chi2": chi2_divergence(self._q, self.probabilities),
+                "dro/updates": float(self._updates),
+                "dro/skipped_nonfinite": float(self._skipped_nonfinite),
+            }
+        )
+        if self._seen.all():
+            values["dro/worst_case_loss"] = float(self._q @ self._loss_ema)
+            values["dro/expected_loss"] = float(self.probabilities @ self._loss_ema)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """``q``, the loss EMA, counters and ``p`` (checked on load); ``weights_only`` safe."""
+        return {
+            "q": torch.tensor(self._q, dtype=torch.float64),
+            "loss_ema": torch.tensor(self._loss_ema, dtype=torch.float64),
+            "seen": torch.tensor(self._seen, dtype=torch.bool),
+            "probabilities": torch.tensor(self.probabilities, dtype=torch.float64),
+            "steps": self._steps,
+            "updates": self._updates,
+            "skipped_nonfinite": self._skipped_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"DRO state is missing {sorted(missing)}")
+        k = len(self.tasks)
+        for key in ("q", "loss_ema", "seen", "probabilities"):
+            if tuple(state[key].shape) != (k,):
+                raise ValueError(f"DRO state {key!r} has shape {tuple(state[key].shape)}, expected ({k},) for {self.tasks}")
+        saved_p = state["probabilities"].detach().cpu().numpy().astype(np.float64)
+        if not np.allclose(saved_p, self.probabilities, rtol=1e-9, atol=1e-12):
+            raise ValueError(
+                f"DRO state was built for sampling probabilities {saved_p.tolist()}, not "
+                f"{self.probabilities.tolist()}; the sampling config changed"
+            )
+        self._q = state["q"].detach().cpu().numpy().astype(np.float64).copy()
+        self._loss_ema = state["loss_ema"].detach().cpu().numpy().astype(np.float64).copy()
+        self._seen = state["seen"].detach().cpu().numpy().astype(bool).copy()
+        self._steps = int(state["steps"])
+        self._updates = int(state["updates"])
+        self._skipped_nonfinite = int(state["skipped_nonfinite"])

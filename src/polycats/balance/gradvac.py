@@ -1,0 +1,319 @@
+"""GradVac — Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021, "Gradient Vaccine:
+Investigating and Improving Multi-task Optimization in Massively Multilingual Models"); the
+reference for readers is ``docs/peers.md``.
+
+PCGrad only acts when two task gradients conflict (cosine < 0). GradVac sets an adaptive
+*target* similarity per ordered task pair and parameter group, an exponential moving average
+``φ̂_ij`` of the cosines it has seen, and pulls ``g_i`` towards ``g_j`` whenever their cosine is
+below that target — the paper's observation is that languages that are close have gradients
+with a persistent positive similarity worth keeping, not only "not negative".
+
+The update rule (the paper's Algorithm 1), per parameter group, on one training step::
+
+    for each task i:                       g_i' = g_i
+        for each j != i, in random order:
+            φ_ij = cos(g_i', g_j)
+            if φ_ij < φ̂_ij:
+                g_i' = g_i' + ‖g_i'‖ (φ̂_ij √(1 − φ_ij²) − φ_ij √(1 − φ̂_ij²)) / (‖g_j‖ √(1 − φ̂_ij²)) · g_j
+            φ̂_ij = (1 − β) φ̂_ij + β φ_ij       (with the φ_ij before the correction)
+    direction = Σ_i g_i'
+
+The correction is the one that makes ``cos(g_i', g_j) = φ̂_ij`` exactly (the component of
+``g_i'`` orthogonal to ``g_j`` is kept, the parallel one is set to the target angle). Targets
+start at 0, so the first corrections are PCGrad's. ``eps`` (default 1e-8) is added to both
+denominators, as in torchjd. The order of ``j`` is drawn with ``torch.randperm`` (torch's global
+RNG, which the trainer checkpoints), one permutation per task ``i`` and group, in the same
+sequence as torchjd's ``GradVac``, so with one group and the same seed the two agree.
+
+Everything is computed from the ``[m, m]`` Gram matrix of each group (float64, CPU):
+``g_i' = Σ_k C_ik g_k`` with ``C`` starting at the identity, so a correction is ``C_ij += w``
+and the direction is ``(1ᵀ C) G`` per group.
+
+Parameter groups (``grouping``): ``whole_model`` (default, one group) or ``per_tensor`` (each
+parameter tensor its own group: the paper's finest "all matrices" granularity). Per-tensor
+groups need to know where each tensor sits in the flat gradient: the trainer calls
+:meth:`GradVac.set_parameters` with the model's trainable named parameters (in the order of the
+flat gradient); a library user can do the same, or set ``gradvac.groups`` to a list of
+``slice`` objects that partition ``[0, P)``.
+
+``task_gradient`` is as for the torchjd peers: ``"contribution"`` rows ``∇(S_i/N)`` or
+``"mean_loss"`` rows ``∇L_i = (N/n_i) ∇(S_i/N)``. GradVac is equivariant to the scale of each row
+(``g_i'`` scales with ``g_i``, and does not depend on the scale of ``g_j``), so ``mean_loss`` is
+``contribution`` followed by the loss weights ``N/n_i``.
+
+Absent tasks (``tokens == 0``) take no part; their targets are kept. State (``state_dict``): the
+targets ``φ̂`` ``[groups, K, K]`` and counters.
+
+Observability: ``weight/<task>`` (effective weight on ``g_i``; exact for one group, the
+least-squares fit over the whole gradient for several, with ``peer/fit_residual``), the
+``peer/*`` pair statistics of the torchjd peers (over the whole gradient),
+``gradvac/corrections`` (corrections made on the last step, over pairs and groups),
+``gradvac/corrections_total``, ``gradvac/target_mean`` and ``gradvac/target_min`` (``φ̂`` over
+ordered pairs of present tasks and groups), ``gradvac/groups``.
+
+Example
+-------
+>>> import torch
+>>> from polycats.balance.base import TaskStats
+>>> from polycats.balance.gradvac import GradVac
+>>> gradvac = GradVac(["de-en", "sw-en"], beta=0.5)
+>>> grads = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])        # cos = -0.71 < target 0
+>>> d = gradvac.combine(TaskStats(torch.ones(2), torch.ones(2), grads))
+>>> [round(float(x), 3) for x in d]                        # PCGrad's answer on the first step
+[-0.5, 1.5]
+>>> round(float(gradvac.targets[0, 0, 1]), 3)              # φ̂ ← 0.5 · 0 + 0.5 · (−0.707)
+-0.354
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from polycats.balance.base import TaskStats
+from polycats.balance.torchjd_peers import TaskGradient, fit_weights, pair_statistics, task_gradient_field
+
+
+class GradVacConfig(BaseModel):
+    """Options of GradVac (``balancer.*`` when ``balancer.name: gradvac``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["gradvac"] = "gradvac"
+    task_gradient: TaskGradient = task_gradient_field()
+    beta: float = Field(0.01, gt=0, le=1, description="EMA rate of the targets: φ̂ ← (1−β) φ̂ + β φ")
+    grouping: Literal["whole_model", "per_tensor"] = Field(
+        "whole_model", description="one target per task pair for the whole model, or per parameter tensor"
+    )
+    eps: float = Field(1e-8, ge=0, description="added to the denominators")
+
+
+def vaccinate(gram: Tensor, targets: Tensor, beta: float, eps: float = 1e-8) -> tuple[Tensor, int]:
+    """One GradVac pass on one group: the coefficients ``C`` ``[m, m]`` with ``g_i' = Σ_k C_ik g_k``
+    and the number of corrections. ``gram`` is the float64 ``[m, m]`` Gram matrix of the rows;
+    ``targets`` (float64 ``[m, m]``, ``φ̂_ij`` at ``[i, j]``) is updated in place."""
+    m = gram.shape[0]
+    coefficients = torch.eye(m, dtype=torch.float64)
+    corrections = 0
+    for i in range(m):
+        dots = coefficients[i] @ gram  # g_i' · g_k for every k
+        others = [j for j in range(m) if j != i]
+        order = [others[t] for t in torch.randperm(len(others)).tolist()]
+        for j in order:
+            norm_i = math.sqrt(max(float(dots @ coefficients[i]), 0.0))
+            norm_j = math.sqrt(max(float(gram[j, j]), 0.0))
+            cosine = float(dots[j]) / (norm_i * norm_j + eps)
+            target = float(targets[i, j])
+            if cosine < target:
+                root_cos = math.sqrt(max(1.0 - cosine * cosine, 0.0))
+                root_target = math.sqrt(max(1.0 - target * target, 0.0))
+                w = norm_i * (target * root_cos - cosine * root_target) / (norm_j * root_target + eps)
+                coefficients[i, j] += w
+                dots = dots + w * gram[j]
+                corrections += 1
+            targets[i, j] = (1.0 - beta) * target + beta * cosine
+    return coefficients, corrections
+
+
+def tensor_groups(named_parameters: Iterable[tuple[str, Tensor]]) -> list[slice]:
+    """One slice of the flat gradient per parameter tensor (in the given order)."""
+    groups, offset = [], 0
+    for _, param in named_parameters:
+        groups.append(slice(offset, offset + param.numel()))
+        offset += param.numel()
+    return groups
+
+
+class GradVac:
+    """Gradient Vaccine as a balancer (``needs_task_gradients``): ``combine`` returns ``Σ_i g_i'``.
+
+    ``GradVac(tasks, config=None, **overrides)``; overrides are :class:`GradVacConfig` fields.
+    """
+
+    needs_task_gradients = True
+
+    def __init__(self, tasks: Sequence[str], config: GradVacConfig | None = None, **overrides: Any):
+        if not tasks:
+            raise ValueError("GradVac needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"GradVac task names must be unique, got {list(tasks)}")
+        base = (config or GradVacConfig()).model_dump()
+        self.config = GradVacConfig.model_validate({**base, **overrides})
+        self.tasks = list(tasks)
+        # Slices of the flat gradient, one per group; None is one group (the whole model).
+        self.groups: list[slice] | None = None
+        self._targets: Tensor | None = None  # [groups, K, K] float64, allocated on first use
+        self._steps = 0
+        self._corrections_total = 0
+        self._conflicts_total = 0
+        self._pairs_total = 0
+        self._skipped_nonfinite = 0
+        self._last: dict[str, float] = {}
+        self._last_weights: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ trainer hook
+
+    def set_parameters(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        """Tell GradVac the layout of the flat gradient (trainable named parameters, in order);
+        sets :attr:`groups` for ``grouping="per_tensor"``, nothing for ``whole_model``."""
+        if self.config.grouping == "per_tensor":
+            self.groups = tensor_groups(named_parameters)
+
+    @property
+    def targets(self) -> Tensor:
+        """The targets ``φ̂`` ``[groups, K, K]`` (float64 copy; zeros before the first step)."""
+        if self._targets is None:
+            k = len(self.tasks)
+            return torch.zeros(len(self.groups or [None]), k, k, dtype=torch.float64)
+        return self._targets.clone()
+
+    # ------------------------------------------------------------------ Balancer protocol
+
+    def loss_weights(self) -> Tensor:
+        """Ones: GradVac acts on gradients (the trainer calls ``combine``)."""
+        return torch.ones(len(self.tasks))
+
+    def combine(self, stats: TaskStats) -> Tensor:
+        grads = stats.grads
+        if grads is None:
+            raise ValueError("GradVac needs per-task gradients (stats.grads is None)")
+        k = len(self.tasks)
+        if grads.ndim != 2 or grads.shape[0] != k:
+            raise ValueError(f"GradVac expects gradients [{k}, P], got {tuple(grads.shape)}")
+        groups = self._checked_groups(grads.shape[1])
+        if self._targets is None:
+            self._targets = torch.zeros(len(groups), k, k, dtype=torch.float64)
+        self._steps += 1
+        index = [int(i) for i in torch.nonzero(stats.present.cpu()).reshape(-1)]
+        if not index:
+            self._last, self._last_weights = {"tasks": 0.0}, {}
+            return torch.zeros_like(grads[0])
+        rows = grads if len(index) == k else grads[index]
+        if not bool(torch.isfinite(rows).all()):
+            self._skipped_nonfinite += 1
+            return rows.sum(0)
+        if self.config.task_gradient == "mean_loss":
+            tokens = stats.tokens.detach().to("cpu", torch.float64)[index]
+            scale = tokens.sum() / tokens
+        else:
+            scale = torch.ones(len(index), dtype=torch.float64)
+
+        direction = torch.empty_like(grads[0])
+        total_gram = torch.zeros(len(index), len(index), dtype=torch.float64)
+        corrections = 0
+        weights_per_group = []
+        selector = torch.tensor(index)
+        for g, part in enumerate(groups):
+            block = rows[:, part]
+            gram = (block @ block.T).to("cpu", torch.float64)
+            total_gram += gram
+            targets = self._targets[g][selector][:, selector]
+            coefficients, made = vaccinate(gram * scale[:, None] * scale[None, :], targets, self.config.beta,
+                                           self.config.eps)
+            self._targets[g][selector[:, None], selector[None, :]] = targets
+            corrections += made
+            weights = coefficients.sum(0) * scale
+            weights_per_group.append(weights)
+            direction[part] = weights.to(block) @ block
+
+        if len(groups) == 1:
+            weights, residual = weights_per_group[0], None
+        else:
+            weights, residual = fit_weights(rows, total_gram, direction)
+        pairs = pair_statistics(total_gram)
+        self._corrections_total += corrections
+        self._conflicts_total += int(pairs["conflicts"])
+        self._pairs_total += int(pairs["pairs"])
+        total_sq = float(total_gram.sum())
+        direction_sq = float(direction.double().pow(2).sum())
+        present_targets = self._targets[:, selector][:, :, selector]
+        off_diagonal = ~torch.eye(len(index), dtype=torch.bool).expand_as(present_targets)
+        chosen = present_targets[off_diagonal]
+        self._last = {
+            "tasks": float(len(index)),
+            **pairs,
+            "norm_ratio": math.sqrt(direction_sq / total_sq) if total_sq > 0 else 0.0,
+        }
+        if residual is not None:
+            self._last["fit_residual"] = residual
+        self._last_corrections = corrections
+        self._last_target_mean = float(chosen.mean()) if chosen.numel() else 0.0
+        self._last_target_min = float(chosen.min()) if chosen.numel() else 0.0
+        self._last_weights = {self.tasks[i]: float(w) for i, w in zip(index, weights)}
+        return direction
+
+    def log_values(self) -> dict[str, float]:
+        values = {f"weight/{task}": w for task, w in self._last_weights.items()}
+        values.update({f"peer/{key}": value for key, value in self._last.items()})
+        values.update(
+            {
+                "peer/conflicts_total": float(self._conflicts_total),
+                "peer/pairs_total": float(self._pairs_total),
+                "peer/steps": float(self._steps),
+                "peer/skipped_nonfinite": float(self._skipped_nonfinite),
+                "gradvac/corrections_total": float(self._corrections_total),
+                "gradvac/groups": float(len(self.groups or [None])),
+            }
+        )
+        if "norm_ratio" in self._last:
+            values["gradvac/corrections"] = float(self._last_corrections)
+            values["gradvac/target_mean"] = self._last_target_mean
+            values["gradvac/target_min"] = self._last_target_min
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """The targets and counters (``torch.load(weights_only=True)`` safe)."""
+        return {
+            "targets": self.targets,
+            "steps": self._steps,
+            "corrections_total": self._corrections_total,
+            "conflicts_total": self._conflicts_total,
+            "pairs_total": self._pairs_total,
+            "skipped_nonfinite": self._skipped_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"GradVac state is missing {sorted(missing)}")
+        targets = state["targets"].detach().to("cpu", torch.float64).clone()
+        k = len(self.tasks)
+        groups = len(self.groups or [None])
+        if tuple(targets.shape) != (groups, k, k):
+            raise ValueError(
+                f"GradVac state has targets of shape {tuple(targets.shape)}, expected ({groups}, {k}, {k}) "
+                f"for tasks {self.tasks} and grouping {self.config.grouping!r}"
+            )
+        self._targets = targets
+        self._steps = int(state["steps"])
+        self._corrections_total = int(state["corrections_total"])
+        self._conflicts_total = int(state["conflicts_total"])
+        self._pairs_total = int(state["pairs_total"])
+        self._skipped_nonfinite = int(state["skipped_nonfinite"])
+
+    # ------------------------------------------------------------------ internals
+
+    def _checked_groups(self, size: int) -> list[slice]:
+        if self.groups is None:
+            if self.config.grouping == "per_tensor":
+                raise ValueError(
+                    "gradvac.grouping=per_tensor needs the parameter layout: call "
+                    "gradvac.set_parameters(model.named_parameters()) (the trainer does) or set gradvac.groups"
+                )
+            return [slice(0, size)]
+        position = 0
+        for part in self.groups:
+            start, stop, step = part.indices(size)
+            if start != position or step != 1 or stop <= start or part.stop is None or part.stop > size:
+                raise ValueError(
+                    f"GradVac groups must be consecutive non-empty slices partitioning [0, {size}); got {self.groups}"
+                )
+            position = stop
+        if position != size:
+            raise ValueError(f"GradVac groups cover [0, {position}) but the gradient has {size} entries")
+        return list(self.groups)

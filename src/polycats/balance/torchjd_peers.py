@@ -1,0 +1,508 @@
+"""Gradient-combination peers through torchjd (pinned: ``torchjd==0.18.0``); the reference for
+readers is ``docs/peers.md``.
+
+One generic balancer, :class:`TorchJDBalancer`, wraps a torchjd aggregator. It receives the
+per-task gradients of the shared path (:mod:`polycats.balance.task_gradients`: one row
+``g_i = ∇(S_i / N)`` per task, so ``Σ_i g_i`` is the usual gradient), hands the rows of the
+tasks *present* in the batch (``tokens > 0``) to the aggregator and returns the ``[P]``
+direction. Absent tasks are left out, not fed as zero rows (a zero row changes MGDA's min-norm
+point, UPGrad's dual cone and NashMTL's bargaining problem).
+
+Methods (``balancer.name``; options in the config classes below, all under ``balancer.*``):
+
+============  ===========================  ==================================================
+name          torchjd aggregator           reference
+============  ===========================  ==================================================
+pcgrad        ``PCGrad()``                 Yu et al. 2020, "Gradient Surgery for MTL"
+mgda          ``MGDA(epsilon, max_iters)`` Sener & Koltun 2018 (Frank–Wolfe, min-norm point)
+cagrad        ``CAGrad(c, norm_eps)``      Liu et al. 2021, "Conflict-Averse Gradient Descent"
+nashmtl       ``NashMTL(...)``             Navon et al. 2022, "MTL as a Bargaining Game"
+upgrad        ``UPGrad(pref, projector)``  Quinton & Rey 2024, "Jacobian Descent"
+graddrop      ``GradDrop(leak=...)``       Chen et al. 2020, "Just Pick a Sign"
+imtlg         ``IMTLG()``                  Liu et al. 2021, "Towards Impartial MTL"
+alignedmtl    ``AlignedMTL(pref, mode)``   Senushkin et al. 2023, "Independent Component Alignment"
+============  ===========================  ==================================================
+
+GradVac is :mod:`polycats.balance.gradvac` (ours: per parameter group, state in the checkpoint).
+
+How the aggregator is called
+----------------------------
+Every method above except GradDrop is a torchjd ``WeightedAggregator``: its output is
+``wᵀ G`` with weights ``w = weighting(G)``. For the Gramian-based ones (all but NashMTL and
+GradDrop) ``weighting(G) = gramian_weighting(G Gᵀ)``; the balancer computes ``G Gᵀ`` once (in
+float64 on the CPU), calls ``aggregator.gramian_weighting`` on it and forms ``wᵀ G`` itself —
+exactly what ``aggregator(G)`` does, with the weights in hand for logging. NashMTL gets the
+matrix (``aggregator.weighting(G)``); GradDrop (not a weighted aggregator: it masks coordinates)
+is called as ``aggregator(G)`` and its effective weights are a least-squares fit.
+
+``task_gradient`` chooses the rows: ``"contribution"`` (default) passes ``g_i = ∇(S_i / N)``
+as computed, so the sampler's mix stays in force (a task with twice the tokens has twice the
+gradient); ``"mean_loss"`` passes ``∇L_i = (N / n_i) g_i``, the gradient of each task's mean
+token loss, as in the multi-task papers (every present task counts the same; the sampler only
+decides which data is seen). MGDA, UPGrad, CAGrad, NashMTL, AlignedMTL and GradDrop (its sign
+purity) depend on the row scales; PCGrad and GradVac transform each row in proportion to its own
+scale, so for them ``mean_loss`` is ``contribution`` followed by the loss weights ``N / n_i``;
+for IMTL-G it changes only the overall scale.
+
+The direction's scale is torchjd's: MGDA, CAGrad, UPGrad, IMTL-G and AlignedMTL give weights
+that sum to about 1 (a mean-like step), PCGrad, GradDrop and GradVac about ``K`` (a sum-like step,
+like the plain sum ``Σ g_i``). Adam and gradient clipping make this matter little; compare runs
+with the same optimiser settings.
+
+Subsets and state
+-----------------
+An aggregator is built per set of present tasks (cached), so methods with a task count (NashMTL)
+or a per-task vector (UPGrad/AlignedMTL preference, GradDrop leak) always see the rows they were
+built for. ``preference`` (UPGrad, AlignedMTL) is given per task and renormalised to sum 1 over
+the present tasks; without it torchjd's default is the mean. NashMTL is the only stateful one
+(warm start ``prvs_alpha``, step counter, normalisation); its state per subset goes into
+``state_dict`` (torchjd private attributes, pinned version), so resume is exact. PCGrad and
+GradDrop draw from torch's global RNG (``randperm`` / ``rand``), which the trainer checkpoints.
+
+If a present row is not finite, the aggregator is skipped and the plain sum is returned (the
+trainer then skips the step on its non-finite norm); counted as ``peer/skipped_nonfinite``.
+
+Observability
+-------------
+``log_values()`` (last step unless noted): ``weight/<task>`` — the effective weight ``w_i`` on
+``g_i`` (the ``"contribution"`` row, whatever ``task_gradient`` is, so 1 everywhere is the plain
+sum; present tasks only), ``peer/tasks`` (present tasks), ``peer/conflicts`` (pairs with
+``g_i·g_j < 0``), ``peer/pairs``, ``peer/cos_min`` and ``peer/cos_mean`` (pairwise cosines),
+``peer/norm_ratio`` (``‖d‖ / ‖Σ g_i‖``), ``peer/conflicts_total`` and ``peer/pairs_total``
+(cumulative), ``peer/steps``, ``peer/skipped_nonfinite``, and for GradDrop ``peer/fit_residual``
+(``‖d − wᵀG‖ / ‖d‖`` of the least-squares weights).
+
+Example
+-------
+>>> import torch
+>>> from polycats.balance.base import TaskStats
+>>> from polycats.balance.torchjd_peers import MGDAConfig, TorchJDBalancer
+>>> mgda = TorchJDBalancer(["de-en", "sw-en"], MGDAConfig())
+>>> grads = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+>>> d = mgda.combine(TaskStats(torch.ones(2), torch.tensor([5.0, 5.0]), grads))
+>>> [round(float(x), 2) for x in d]  # the min-norm point of the segment [g_1, g_2]
+[0.9, 0.3]
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from polycats.balance.base import TaskStats
+from polycats.errors import PolycatsError
+
+if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a peer is built
+    from torchjd.aggregation import Aggregator
+
+TORCHJD_VERSION = "0.18.0"
+
+TaskGradient = Literal["contribution", "mean_loss"]
+
+
+def task_gradient_field() -> Any:
+    return Field(
+        "contribution",
+        description="rows given to the method: contribution ∇(S_i/N) (sampler mix kept) or mean_loss ∇L_i",
+    )
+
+
+class PeerConfig(BaseModel):
+    """Base of the torchjd peers' options (each has ``name`` first, then ``task_gradient``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        """The torchjd aggregator for ``num_tasks`` present tasks (``preference``: float64 [num_tasks]
+        summing to 1, or None)."""
+        raise NotImplementedError
+
+
+class PCGradConfig(PeerConfig):
+    """PCGrad: each g_i is projected onto the normal plane of every g_j it conflicts with
+    (random order), the projected rows are summed."""
+
+    name: Literal["pcgrad"] = "pcgrad"
+    task_gradient: TaskGradient = task_gradient_field()
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import PCGrad
+
+        return PCGrad()
+
+
+class MGDAConfig(PeerConfig):
+    """MGDA: the min-norm point of the convex hull of the rows (Frank–Wolfe)."""
+
+    name: Literal["mgda"] = "mgda"
+    task_gradient: TaskGradient = task_gradient_field()
+    epsilon: float = Field(1e-3, gt=0, description="stop Frank–Wolfe when its step γ is below this")
+    max_iters: int = Field(100, ge=1, description="Frank–Wolfe iterations at most")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import MGDA
+
+        return MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
+
+
+class CAGradConfig(PeerConfig):
+    """CAGrad: maximise the worst task's improvement within a ball of radius c·‖g_0‖ around the
+    mean gradient g_0 (needs cvxpy + clarabel)."""
+
+    name: Literal["cagrad"] = "cagrad"
+    task_gradient: TaskGradient = task_gradient_field()
+    c: float = Field(0.4, ge=0, description="radius scale of the ball around the mean gradient (0 = mean)")
+    norm_eps: float = Field(1e-4, ge=0, description="below this the combined norm counts as 0 (Pareto stationary)")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import CAGrad
+
+        return CAGrad(c=self.c, norm_eps=self.norm_eps)
+
+
+class NashMTLConfig(PeerConfig):
+    """Nash-MTL: the Nash bargaining solution Gᵀα with GGᵀα = 1/α (needs cvxpy + ecos)."""
+
+    name: Literal["nashmtl"] = "nashmtl"
+    task_gradient: TaskGradient = task_gradient_field()
+    max_norm: float = Field(1.0, ge=0, description="clip ‖αᵀG‖ to this (0 = no clipping)")
+    update_weights_every: int = Field(1, ge=1, description="solve for α every this many steps, reuse it between")
+    optim_niter: int = Field(20, ge=1, description="sequential convex iterations per solve")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import NashMTL
+
+        return NashMTL(
+            n_tasks=num_tasks,
+            max_norm=self.max_norm,
+            update_weights_every=self.update_weights_every,
+            optim_niter=self.optim_niter,
+        )
+
+
+class UPGradConfig(PeerConfig):
+    """UPGrad: project each row onto the dual cone of all rows, combine with the preference."""
+
+    name: Literal["upgrad"] = "upgrad"
+    task_gradient: TaskGradient = task_gradient_field()
+    preference: dict[str, float] | None = Field(
+        None, description="per-language preference (renormalised over present tasks); default: mean"
+    )
+    norm_eps: float = Field(1e-4, ge=0, description="quadprog projector: Gramian normalisation epsilon")
+    reg_eps: float = Field(1e-4, ge=0, description="quadprog projector: added to the Gramian's diagonal")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import UPGrad
+        from torchjd.linalg import QuadprogProjector
+
+        return UPGrad(pref_vector=preference, projector=QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps))
+
+
+class GradDropConfig(PeerConfig):
+    """GradDrop: per coordinate, keep only the positive or only the negative components, drawn by
+    their sign purity."""
+
+    name: Literal["graddrop"] = "graddrop"
+    task_gradient: TaskGradient = task_gradient_field()
+    leak: float = Field(0.0, ge=0, le=1, description="share of every row that passes the sign mask unchanged")
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import GradDrop
+
+        leak = torch.full((num_tasks,), self.leak, dtype=torch.float32) if self.leak > 0 else None
+        return GradDrop(leak=leak)
+
+
+class IMTLGConfig(PeerConfig):
+    """IMTL-G: the combination whose projection onto every unit row is equal."""
+
+    name: Literal["imtlg"] = "imtlg"
+    task_gradient: TaskGradient = task_gradient_field()
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import IMTLG
+
+        return IMTLG()
+
+
+class AlignedMTLConfig(PeerConfig):
+    """Aligned-MTL: align the principal components of the rows (condition number 1), then
+    combine with the preference."""
+
+    name: Literal["alignedmtl"] = "alignedmtl"
+    task_gradient: TaskGradient = task_gradient_field()
+    preference: dict[str, float] | None = Field(
+        None, description="per-language preference (renormalised over present tasks); default: mean"
+    )
+    scale_mode: Literal["min", "median", "rmse"] = Field(
+        "min", description="eigenvalue that sets the scale: smallest, median, or mean (rmse, the original code)"
+    )
+
+    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
+        from torchjd.aggregation import AlignedMTL
+
+        return AlignedMTL(pref_vector=preference, scale_mode=self.scale_mode)
+
+
+PEER_CONFIGS: tuple[type[PeerConfig], ...] = (
+    PCGradConfig,
+    MGDAConfig,
+    CAGradConfig,
+    NashMTLConfig,
+    UPGradConfig,
+    GradDropConfig,
+    IMTLGConfig,
+    AlignedMTLConfig,
+)
+
+_INSTALL = f'pip install "torchjd[quadprog-projector,cagrad,nash-mtl]=={TORCHJD_VERSION}"'
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def pair_statistics(gram: Tensor) -> dict[str, float]:
+    """Conflicts and cosines of the rows behind a float64 Gram matrix ``[m, m]``: ``conflicts``
+    (pairs with ``g_i·g_j < 0``), ``pairs``, ``cos_min``, ``cos_mean`` (pairs of non-zero rows;
+    1 when there are none)."""
+    m = gram.shape[0]
+    upper = torch.triu_indices(m, m, offset=1)
+    dots = gram[upper[0], upper[1]]
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    lengths = norms[upper[0]] * norms[upper[1]]
+    valid = lengths > 0
+    cosines = dots[valid] / lengths[valid]
+    return {
+        "conflicts": float((dots < 0).sum()),
+        "pairs": float(dots.numel()),
+        "cos_min": float(cosines.min()) if cosines.numel() else 1.0,
+        "cos_mean": float(cosines.mean()) if cosines.numel() else 1.0,
+    }
+
+
+def fit_weights(rows: Tensor, gram: Tensor, direction: Tensor) -> tuple[Tensor, float]:
+    """Least-squares weights ``w`` (float64) with ``wᵀ rows ≈ direction`` and the relative
+    residual ``‖direction − wᵀ rows‖ / ‖direction‖`` (0 for a zero direction)."""
+    target = (rows @ direction).to("cpu", torch.float64)
+    weights = torch.linalg.pinv(gram, hermitian=True) @ target
+    residual = direction - weights.to(rows) @ rows
+    norm = float(direction.norm())
+    return weights, (float(residual.norm()) / norm if norm > 0 else 0.0)
+
+
+# ---------------------------------------------------------------------------- the balancer
+
+
+class TorchJDBalancer:
+    """A torchjd aggregator as a balancer: ``combine`` gives the aggregation of the present tasks'
+    gradient rows.
+
+    ``TorchJDBalancer(tasks, config, preference=None)`` with ``config`` one of the ``*Config``
+    classes here (an aggregator is built from it per set of present tasks), or with a ready
+    torchjd ``Aggregator`` instance (used for every set; it must accept any number of rows) and
+    ``task_gradient=`` as a keyword. ``preference``: per-task weights (UPGrad, AlignedMTL).
+    """
+
+    needs_task_gradients = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        config: PeerConfig | Aggregator,
+        *,
+        preference: Sequence[float] | None = None,
+        task_gradient: TaskGradient | None = None,
+    ):
+        if not tasks:
+            raise ValueError("a balancer needs at least one task")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {list(tasks)}")
+        self.tasks = list(tasks)
+        k = len(self.tasks)
+        if isinstance(config, PeerConfig):
+            self.config: PeerConfig | None = config
+            self.name = str(config.name)  # type: ignore[attr-defined]
+            self.task_gradient: TaskGradient = task_gradient or config.task_gradient  # type: ignore[attr-defined]
+            self._fixed: Aggregator | None = None
+        else:
+            self.config = None
+            self.name = type(config).__name__.lower()
+            self.task_gradient = task_gradient or "contribution"
+            self._fixed = config
+        if preference is not None:
+            values = torch.as_tensor(list(preference), dtype=torch.float64)
+            if values.shape != (k,) or bool((values < 0).any()) or not bool(values.sum() > 0):
+                raise ValueError(f"preference must be {k} non-negative numbers, not all 0; got {list(preference)}")
+            self.preference: Tensor | None = values
+        else:
+            self.preference = None
+        self._aggregators: dict[tuple[int, ...], Aggregator] = {}
+        self._steps = 0
+        self._skipped_nonfinite = 0
+        self._conflicts_total = 0
+        self._pairs_total = 0
+        self._last: dict[str, float] = {}
+        self._last_weights: dict[str, float] = {}
+        if self.config is not None:
+            self._aggregator(tuple(range(k)))  # fail now on a missing optional dependency
+
+    # ------------------------------------------------------------------ Balancer protocol
+
+    def loss_weights(self) -> Tensor:
+        """Ones: a gradient-combination peer has no loss weights (the trainer calls ``combine``)."""
+        return torch.ones(len(self.tasks))
+
+    def combine(self, stats: TaskStats) -> Tensor:
+        """The aggregation of the present tasks' rows of ``stats.grads`` ``[K, P]`` → ``[P]``."""
+        grads = stats.grads
+        if grads is None:
+            raise ValueError(f"{self.name} needs per-task gradients (stats.grads is None)")
+        k = len(self.tasks)
+        if grads.ndim != 2 or grads.shape[0] != k:
+            raise ValueError(f"{self.name} expects gradients [{k}, P], got {tuple(grads.shape)}")
+        self._steps += 1
+        index = tuple(int(i) for i in torch.nonzero(stats.present.cpu()).reshape(-1))
+        if not index:
+            self._last, self._last_weights = {"tasks": 0.0}, {}
+            return torch.zeros_like(grads[0])
+        rows = grads if len(index) == k else grads[list(index)]
+        if not bool(torch.isfinite(rows).all()):
+            self._skipped_nonfinite += 1
+            return rows.sum(0)
+        gram = (rows @ rows.T).to("cpu", torch.float64)
+        if self.task_gradient == "mean_loss":
+            tokens = stats.tokens.detach().to("cpu", torch.float64)[list(index)]
+            scale = tokens.sum() / tokens
+        else:
+            scale = torch.ones(len(index), dtype=torch.float64)
+        aggregator = self._aggregator(index)
+        with warnings.catch_warnings():
+            # cvxpy's note that NashMTL's problem is not DPP (re-canonicalised per solve): harmless
+            warnings.filterwarnings("ignore", message=".*not DPP", category=UserWarning)
+            weights, direction, residual = self._aggregate(aggregator, rows, gram, scale)
+        weights = weights.detach().to("cpu", torch.float64)
+        if direction is None:
+            direction = weights.to(rows) @ rows
+            direction_sq = float(weights @ gram @ weights)
+        else:
+            direction_sq = float(direction.double().pow(2).sum())
+        total_sq = float(gram.sum())
+        pairs = pair_statistics(gram)
+        self._conflicts_total += int(pairs["conflicts"])
+        self._pairs_total += int(pairs["pairs"])
+        self._last = {
+            "tasks": float(len(index)),
+            **pairs,
+            "norm_ratio": math.sqrt(max(direction_sq, 0.0) / total_sq) if total_sq > 0 else 0.0,
+        }
+        if residual is not None:
+            self._last["fit_residual"] = residual
+        self._last_weights = {self.tasks[i]: float(w) for i, w in zip(index, weights)}
+        return direction
+
+    def log_values(self) -> dict[str, float]:
+        values = {f"weight/{task}": w for task, w in self._last_weights.items()}
+        values.update({f"peer/{key}": value for key, value in self._last.items()})
+        values.update(
+            {
+                "peer/conflicts_total": float(self._conflicts_total),
+                "peer/pairs_total": float(self._pairs_total),
+                "peer/steps": float(self._steps),
+                "peer/skipped_nonfinite": float(self._skipped_nonfinite),
+            }
+        )
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, and NashMTL's solver state per set of present tasks (``weights_only`` safe)."""
+        state: dict[str, Any] = {
+            "name": self.name,
+            "steps": self._steps,
+            "skipped_nonfinite": self._skipped_nonfinite,
+            "conflicts_total": self._conflicts_total,
+            "pairs_total": self._pairs_total,
+        }
+        nash = {}
+        for index, aggregator in self._aggregators.items():
+            weighting = _nash_weighting(aggregator)
+            if weighting is not None and weighting.step > 0:
+                nash[",".join(map(str, index))] = {
+                    "step": float(weighting.step),
+                    # numpy dtypes kept (float32 before the first solve, float64 after): exact resume
+                    "prvs_alpha": torch.from_numpy(np.array(weighting.prvs_alpha)),
+                    "normalization_factor": torch.from_numpy(np.array(weighting.normalization_factor).reshape(1)),
+                }
+        state["nashmtl"] = nash
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"balancer state is for {state.get('name')!r}, not {self.name!r}")
+        self._steps = int(state["steps"])
+        self._skipped_nonfinite = int(state["skipped_nonfinite"])
+        self._conflicts_total = int(state["conflicts_total"])
+        self._pairs_total = int(state["pairs_total"])
+        for key, saved in state.get("nashmtl", {}).items():
+            index = tuple(int(i) for i in key.split(","))
+            if not index or max(index) >= len(self.tasks):
+                raise ValueError(f"nashmtl state for tasks {key} does not fit {len(self.tasks)} tasks")
+            weighting = _nash_weighting(self._aggregator(index))
+            if weighting is None:
+                raise ValueError(f"balancer state holds NashMTL state but this balancer is {self.name!r}")
+            weighting.prvs_alpha = saved["prvs_alpha"].numpy().copy()
+            weighting.normalization_factor = saved["normalization_factor"].numpy().copy()
+            weighting.step = float(saved["step"])
+            weighting._init_optim_problem()  # forward() builds it only at step 0
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _aggregate(
+        aggregator: Aggregator, rows: Tensor, gram: Tensor, scale: Tensor
+    ) -> tuple[Tensor, Tensor | None, float | None]:
+        """Weights on ``rows`` (float64), and for a non-weighted aggregator its direction and the
+        residual of the fitted weights. ``scale``: the row factors the aggregator sees."""
+        from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
+
+        if isinstance(aggregator, GramianWeightedAggregator):
+            return aggregator.gramian_weighting(gram * scale[:, None] * scale[None, :]) * scale, None, None
+        scaled = rows * scale.to(rows)[:, None]
+        if isinstance(aggregator, WeightedAggregator):
+            return aggregator.weighting(scaled).detach().to("cpu", torch.float64) * scale, None, None
+        direction = aggregator(scaled)
+        weights, residual = fit_weights(rows, gram, direction)
+        return weights, direction, residual
+
+    def _aggregator(self, index: tuple[int, ...]) -> Aggregator:
+        if self._fixed is not None:
+            return self._fixed
+        aggregator = self._aggregators.get(index)
+        if aggregator is None:
+            preference = None
+            if self.preference is not None:
+                chosen = self.preference[list(index)]
+                total = float(chosen.sum())
+                preference = chosen / total if total > 0 else torch.full_like(chosen, 1 / len(index))
+            assert self.config is not None
+            try:
+                aggregator = self.config.aggregator(len(index), preference)
+            except ImportError as error:
+                raise PolycatsError(
+                    f"balancer.name={self.name} needs an optional dependency of torchjd: {error}. "
+                    f"Install them with: {_INSTALL}"
+                ) from None
+            self._aggregators[index] = aggregator
+        return aggregator
+
+
+def _nash_weighting(aggregator: Aggregator) -> Any:
+    from torchjd.aggregation import NashMTL
+
+    return aggregator.weighting if isinstance(aggregator, NashMTL) else None
