@@ -196,13 +196,14 @@ def synthetic_config(**languages: int) -> DataConfig:
                       synthetic={"words": 12, "min_words": 2, "max_words": 5})
 
 
-def test_synthetic_is_deterministic_with_the_requested_sizes():
-    a = read_corpus(synthetic_config(de=30, sw=10))
-    b = read_corpus(synthetic_config(de=30, sw=10))
+def test_synthetic_is_deterministic_with_the_requested_sizes_plus_a_spare_training_pool():
+    a = read_corpus(synthetic_config(de=60, sw=10))
+    b = read_corpus(synthetic_config(de=60, sw=10))
     assert a.pairs == b.pairs
+    # Training pools carry a spare quarter (at least 10) so length filtering can still fill the request.
     assert {split: {lang: len(p) for lang, p in a.pairs[split].items()} for split in a.pairs} == {
-        "train": {"de": 30, "sw": 10}, "valid": {"de": 7, "sw": 7}, "test": {"de": 9, "sw": 9}}
-    other_seed = read_corpus(synthetic_config(de=30, sw=10).model_copy(update={"split_seed": 2}))
+        "train": {"de": 75, "sw": 20}, "valid": {"de": 7, "sw": 7}, "test": {"de": 9, "sw": 9}}
+    other_seed = read_corpus(synthetic_config(de=60, sw=10).model_copy(update={"split_seed": 2}))
     assert other_seed.pairs["train"]["de"] != a.pairs["train"]["de"]
 
 

@@ -101,8 +101,6 @@ def test_sinusoidal_positions():
     assert table[3, 3] == pytest.approx(math.cos(3 / 10000 ** (2 / 6)), abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="model/transformer.py: a multi-token decode step with a non-empty cache "
-                                       "uses no causal mask (beam search decodes one token at a time, so unaffected)")
 def test_cached_decode_of_several_tokens_at_once():
     model = make_model()
     src, tgt = tokens(0, (2, 5)), tokens(1, (2, 6))

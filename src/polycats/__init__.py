@@ -9,11 +9,25 @@ The library API for your own training loop::
     optimizer.step()
 """
 
-from polycats.balance.base import Balancer, TaskStats
-from polycats.balance.cats import CATS, CatsConfig
-from polycats.balance.scalar import ScalarBalancer
-from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["CATS", "Balancer", "CatsConfig", "ScalarBalancer", "TaskLoss", "TaskStats", "backward_per_task",
-           "per_task_gradients"]
+
+# Exports load on first use, so `polycats --help` and config errors do not wait for torch.
+_EXPORTS = {
+    "Balancer": "polycats.balance.base",
+    "TaskStats": "polycats.balance.base",
+    "CATS": "polycats.balance.cats",
+    "CatsConfig": "polycats.balance.cats",
+    "ScalarBalancer": "polycats.balance.scalar",
+    "TaskLoss": "polycats.balance.task_gradients",
+    "backward_per_task": "polycats.balance.task_gradients",
+    "per_task_gradients": "polycats.balance.task_gradients",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'polycats' has no attribute {name!r}")

@@ -128,6 +128,7 @@ class ModelConfig(Section):
     heads: int = Field(4, ge=1)
     ffn_dim: int = Field(768, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights (0 keeps the fused CPU kernel)")
 
     @model_validator(mode="after")
     def heads_divide(self) -> ModelConfig:

@@ -305,7 +305,9 @@ def read_synthetic(config: DataConfig) -> ParallelCorpus:
         words = synthetic_words(lang, options.words)
         mapping = dict(zip(pivot_words, random.Random(f"map/{lang}").sample(words, len(words))))
         reverse = index % 2 == 1
-        sizes = {"train": config.languages[lang], "valid": config.valid_per_lang, "test": config.test_per_lang}
+        # A spare quarter of training pairs, so length filtering can still deliver the requested count.
+        wanted = config.languages[lang]
+        sizes = {"train": wanted + max(10, wanted // 4), "valid": config.valid_per_lang, "test": config.test_per_lang}
         for split, size in sizes.items():
             rng = random.Random(f"{config.split_seed}/{lang}/{split}")
             pairs = []

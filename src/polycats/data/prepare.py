@@ -27,6 +27,7 @@ from polycats.io import atomic_write_json
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 FORMAT_VERSION = 1
+EVAL_TOKEN_LIMIT = 1024  # valid/test sentences are cut to this many pieces (the model has 4096 positions)
 
 
 def language_tag(language: str) -> str:
@@ -201,8 +202,9 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
                 sizes[task]["pool"] = len(pairs[task])
             else:  # never filter valid/test: scores must cover the whole test set
                 kept = pairs[task]
-                src_ids = tokenizer.encode([src for src, _ in kept])
-                tgt_ids = tokenizer.encode([tgt for _, tgt in kept])
+                # Cut (never drop) pathological lines so every sentence fits the model's positions.
+                src_ids = [ids[:EVAL_TOKEN_LIMIT] for ids in tokenizer.encode([src for src, _ in kept])]
+                tgt_ids = [ids[:EVAL_TOKEN_LIMIT] for ids in tokenizer.encode([tgt for _, tgt in kept])]
                 texts[task] = [{"src": src, "ref": tgt} for src, tgt in kept]
             sizes[task][split] = len(kept)
             shards[task] = {"src": pack([[tag, *ids, EOS] for ids in src_ids]), "tgt": pack([[*ids, EOS] for ids in tgt_ids])}

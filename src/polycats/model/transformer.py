@@ -28,7 +28,9 @@ class TransformerShape:
     heads: int = 4
     ffn_dim: int = 768
     dropout: float = 0.1
-    max_positions: int = 1024
+    # Attention-weight dropout; 0 (fairseq's default) lets CPU SDPA use its fused kernel.
+    attention_dropout: float = 0.0
+    max_positions: int = 4096
     pad_id: int = 0
 
 
@@ -91,7 +93,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, shape: TransformerShape):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(shape.d_model)
-        self.self_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.self_attn = Attention(shape.d_model, shape.heads, shape.attention_dropout)
         self.ffn_norm = nn.LayerNorm(shape.d_model)
         self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
         self.dropout = nn.Dropout(shape.dropout)
@@ -128,9 +130,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, shape: TransformerShape):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(shape.d_model)
-        self.self_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.self_attn = Attention(shape.d_model, shape.heads, shape.attention_dropout)
         self.cross_attn_norm = nn.LayerNorm(shape.d_model)
-        self.cross_attn = Attention(shape.d_model, shape.heads, shape.dropout)
+        self.cross_attn = Attention(shape.d_model, shape.heads, shape.attention_dropout)
         self.ffn_norm = nn.LayerNorm(shape.d_model)
         self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
         self.dropout = nn.Dropout(shape.dropout)
@@ -144,12 +146,14 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h = self.self_attn_norm(x)
         k, v = self.self_attn.project_keys_values(h)
+        past = 0 if past_kv is None else past_kv[0].shape[2]
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         # Right padding: a real target position only sees earlier real positions under the causal
-        # mask, so no target padding mask is needed. With a cache the new positions see all past.
-        causal = past_kv is None and x.shape[1] > 1
-        x = x + self.dropout(self.self_attn(h, k, v, causal=causal))
+        # mask, so no target padding mask is needed. New position i sees the past and new <= i.
+        new = x.shape[1]
+        mask = torch.ones(new, past + new, dtype=torch.bool, device=x.device).tril(past) if past and new > 1 else None
+        x = x + self.dropout(self.self_attn(h, k, v, mask=mask, causal=past == 0 and new > 1))
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, mask=source_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x))), (k, v)
 

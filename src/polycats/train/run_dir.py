@@ -22,8 +22,8 @@ def build_model(config: Config, vocab_size: int) -> Transformer:
     m = config.model
     return Transformer(TransformerShape(
         vocab_size=vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
-        heads=m.heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
-        max_positions=max(1024, 2 * config.data.max_len + 64), pad_id=PAD,
+        heads=m.heads, ffn_dim=m.ffn_dim, dropout=m.dropout, attention_dropout=m.attention_dropout,
+        pad_id=PAD,
     ))
 
 
