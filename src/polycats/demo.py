@@ -14,6 +14,8 @@ from rich.table import Table
 from polycats.config import load_config, preset_path
 from polycats.evaluate.run import evaluate_run
 from polycats.io import atomic_write_json, atomic_write_text
+from polycats.report.figures import alpha_curves, nll_curves
+from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
 METHODS = {
@@ -86,6 +88,10 @@ def run_demo(out: Path, overrides: list[str], console: Console) -> dict:
         "The research presets in configs/ and `docs/results.md` hold the measured comparisons.",
         "",
     ])
+    runs = {method: read_metrics(out / method.replace("=", "").lower()) for method in METHODS}
+    nll_curves(runs, out / "nll_curves.png")
+    alpha_curves(runs["CATS"], out / "cats_alpha.png")
+    text += "\n![train and valid NLL, LoRes and HiRes](nll_curves.png)\n\n![CATS α and λ](cats_alpha.png)\n"
     atomic_write_text(out / "summary.md", text)
     atomic_write_json(out / "summary.json", {"rows": rows, "timings_s": timings, "train_pairs": sizes, "signature": signature})
     console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / m.replace('=', '').lower()) for m in METHODS)})")

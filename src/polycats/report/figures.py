@@ -46,3 +46,42 @@ def training_curves(runs: dict[str, list[dict]], path: Path) -> None:
         axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def nll_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Paper Fig 1/6: train and valid NLL of the LoRes and HiRes groups over updates, one line per
+    run (``runs``: name -> metrics.jsonl events)."""
+    panels = [("train", "train_nll/LoRes"), ("train", "train_nll/HiRes"), ("valid", "valid_nll/LoRes"), ("valid", "valid_nll/HiRes")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for ax, (event, key) in zip(axes, panels):
+        for name, events in runs.items():
+            points = [(e["update"], e[key]) for e in events if e.get("event") == event and e.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=name, marker="o" if event == "valid" else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("update")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def alpha_curves(events: list[dict], path: Path, title: str = "CATS") -> None:
+    """α per task and λ over training (keys ``alpha/<task>`` and ``lambda`` of metrics.jsonl)."""
+    train = [e for e in events if e.get("event") == "train"]
+    alphas = sorted({k for e in train for k in e if k.startswith("alpha/")})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
+    for key in alphas:
+        points = [(e["update"], e[key]) for e in train if e.get(key) is not None]
+        left.plot(*zip(*points), label=key.removeprefix("alpha/"))
+    left.set_title(f"{title}: α per task")
+    left.set_xlabel("update")
+    if alphas:
+        left.legend(fontsize=8)
+    points = [(e["update"], e["lambda"]) for e in train if e.get("lambda") is not None]
+    if points:
+        right.plot(*zip(*points))
+    right.set_title("λ (constraint multiplier)")
+    right.set_xlabel("update")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
