@@ -1,19 +1,20 @@
 """The ``polycats`` command line: prepare → train → evaluate (→ translate), and the demo.
 
 Errors in the user's input are one line on stderr and exit code 2; ``--debug`` shows the
-traceback instead.
+traceback instead. ``train`` stopped by SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from polycats.errors import PolycatsError
+from polycats.errors import Interrupted, PolycatsError
 
 app = typer.Typer(
     help="Multilingual translation on imbalanced data: temperature sampling, CATS, diagnostics.",
@@ -137,6 +138,17 @@ def analyze(
 
 
 @app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories; the first is the baseline of paired comparisons")],
+    out: Annotated[Path, typer.Option("--out", help="where report.md, report.html and the figures go")],
+) -> None:
+    """Tables (group BLEU/chrF, diagnostics over training) and figures over finished runs."""
+    from polycats.report.report import build_report
+
+    console.print(f"written: {build_report(run_dirs, out)} (+ report.html, figures)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
     set_: SetOption = None,
@@ -148,8 +160,20 @@ def demo(
 
 
 def main() -> None:
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        """Warnings as one ``warning:`` line (``--debug``: Python's usual format)."""
+        if state["debug"]:
+            usual(message, category, filename, lineno, file, line)
+        else:
+            print(f"warning: {message}", file=sys.stderr)
+
     try:
-        app()
+        with warnings.catch_warnings():
+            usual, warnings.showwarning = warnings.showwarning, show_warning
+            app()
+    except Interrupted as error:  # a checkpoint was saved: not an error, but not a finished run either
+        print(f"stopped: {error}", file=sys.stderr)
+        sys.exit(128 + error.signal_number)
     except PolycatsError as error:
         if state["debug"]:
             raise
