@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from polycats.errors import Interrupted, PolycatsError
+from polycats.errors import Interrupted, PolycatsError, printable
 
 app = typer.Typer(
     help="Multilingual translation on imbalanced data: temperature sampling, CATS, diagnostics.",
@@ -89,6 +89,11 @@ def translate(
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last")] = None,
 ) -> None:
     """Translate stdin to stdout, one sentence per line."""
+    from polycats.config import LANGUAGE_CODE
+
+    for option, code in (("--src-lang", src_lang), ("--tgt-lang", tgt_lang)):
+        if not LANGUAGE_CODE.fullmatch(code):
+            raise PolycatsError(f"{option} {code!r} is not a language code (letters, digits and '_', e.g. sw)")
     raw = sys.stdin.buffer.read()
     try:
         text = raw.decode("utf-8")
@@ -172,12 +177,12 @@ def main() -> None:
             usual, warnings.showwarning = warnings.showwarning, show_warning
             app()
     except Interrupted as error:  # a checkpoint was saved: not an error, but not a finished run either
-        print(f"stopped: {error}", file=sys.stderr)
+        print(f"stopped: {printable(error)}", file=sys.stderr)
         sys.exit(128 + error.signal_number)
     except PolycatsError as error:
         if state["debug"]:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error)}", file=sys.stderr)  # one line, whatever input it echoes
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -23,11 +24,24 @@ from polycats.balance.gradvac import GradVacConfig
 from polycats.balance.torchjd_peers import (
     AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, UPGradConfig,
 )
-from polycats.errors import PolycatsError
+from polycats.errors import PolycatsError, printable
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Language codes name files (train.xx-en.xx), tags (<2xx>) and tasks (xx-en, split on "-").
+LANGUAGE_CODE = re.compile(r"[A-Za-z0-9_]{1,32}")
+
+
+def check_language_code(code: str, where: str) -> str:
+    if not LANGUAGE_CODE.fullmatch(code):
+        raise ValueError(
+            f"{where} {code!r} is not a language code: use letters, digits and '_' (e.g. de, pt_BR, zh_Hans; "
+            "'-' separates the languages of a task)"
+        )
+    return code
 
 
 class GroupThresholds(Section):
@@ -85,7 +99,14 @@ class DataConfig(Section):
     def not_empty(cls, value: dict[str, int]) -> dict[str, int]:
         if not value:
             raise ValueError("list at least one language, e.g. {de: 8000, sw: 500}")
+        for code in value:
+            check_language_code(code, "language")
         return value
+
+    @field_validator("pivot")
+    @classmethod
+    def pivot_code(cls, value: str) -> str:
+        return check_language_code(value, "pivot")
 
     @model_validator(mode="after")
     def pivot_not_a_language(self) -> DataConfig:
@@ -155,6 +176,13 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default)")
     diagnostics_every: int = Field(0, ge=0, description="updates between logged diagnostics (0 = off)")
 
+    @field_validator("adam_betas")
+    @classmethod
+    def betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("both Adam betas must be in [0, 1), e.g. [0.9, 0.98]")
+        return value
+
 
 class EvalConfig(Section):
     beam: int = Field(4, ge=1)
@@ -198,24 +226,28 @@ YamlLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def set_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``{de: 10}``)."""
+    shown = printable(assignment)
     if "=" not in assignment:
-        raise PolycatsError(f"--set '{assignment}': expected KEY=VALUE, e.g. --set train.max_updates=20")
+        raise PolycatsError(f"--set '{shown}': expected KEY=VALUE, e.g. --set train.max_updates=20")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise PolycatsError(f"--set '{assignment}': empty key part in '{key}'")
+        raise PolycatsError(f"--set '{shown}': empty key part in '{printable(key)}'")
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise PolycatsError(f"--set '{assignment}': '{part}' is a value, not a section")
+            raise PolycatsError(f"--set '{shown}': '{printable(part)}' is a value, not a section")
         node = child
     try:
         node[parts[-1]] = parse_yaml(raw) if raw.strip() else raw
@@ -230,7 +262,7 @@ def balancer_names() -> list[str]:
 def describe_validation_error(error: ValidationError, source: str) -> str:
     problems = []
     for item in error.errors()[:3]:
-        field = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        field = printable(".".join(str(part) for part in item["loc"] if not str(part).startswith("function-")))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see configs/ for the known fields)"
@@ -245,11 +277,28 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
 
 
+def non_finite_numbers(tree: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Where a config holds inf or NaN (YAML's .inf / .nan): no setting means anything by them."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [".".join(path)]
+    if isinstance(tree, dict):
+        return [found for key, value in tree.items() for found in non_finite_numbers(value, (*path, str(key)))]
+    if isinstance(tree, (list, tuple)):
+        return [found for i, value in enumerate(tree) for found in non_finite_numbers(value, (*path, str(i)))]
+    return []
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "") -> Config:
     try:
+        non_finite = non_finite_numbers(tree)
+        if non_finite:
+            fields = ", ".join(f"'{field}'" for field in non_finite[:3])
+            raise PolycatsError(f"invalid config {source}: field {fields}: must be a finite number (got inf or nan)")
         return Config.model_validate(tree)
     except ValidationError as error:
         raise PolycatsError(describe_validation_error(error, source)) from None
+    except RecursionError:
+        raise PolycatsError(f"invalid config {source}: nested too deeply") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -265,7 +314,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise PolycatsError(f"config file {path}{where} is not valid YAML: {getattr(error, 'problem', error)}") from None
+        # Marked errors carry a one-line ``problem``; others (e.g. a NUL character) only a multi-line str.
+        problem = getattr(error, "problem", None) or (str(error).strip().splitlines() or ["unreadable"])[0]
+        raise PolycatsError(f"config file {path}{where} is not valid YAML: {problem}") from None
     if not isinstance(tree, dict):
         raise PolycatsError(f"config file {path} must be a YAML mapping of sections (data:, train:, ...)")
     for assignment in overrides or []:

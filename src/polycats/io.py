@@ -1,5 +1,7 @@
-"""Atomic file writes: write a sibling temp file, fsync, rename. A crash leaves either the old
-file or the new one, never half of one."""
+"""Atomic file writes: write a sibling temp file, fsync, rename, fsync the directory. A crash
+(even SIGKILL or a power cut) leaves either the old file or the new one, never half of one; a
+killed write leaves at most a ``.NAME.*.tmp`` sibling, which :func:`remove_stale_temp_files`
+clears."""
 
 from __future__ import annotations
 
@@ -11,7 +13,24 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def fsync_directory(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], previous: str | Path | None = None) -> None:
+    """Write ``path`` through ``write(handle)``. With ``previous``, the file it replaces is kept
+    there: renamed only once the new one is on disk, so at most the instant between two renames
+    has no ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -20,10 +39,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def remove_stale_temp_files(directory: str | Path, name: str = "*") -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that killed atomic writes of ``directory/NAME`` left
+    (``name="*"``: of any file). Call it only while no one else writes there (the trainer holds
+    the run directory's lock)."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(f".{name}.*.tmp") if p.is_file()] if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -34,7 +67,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_torch_save(obj: Any, path: str | Path, previous: str | Path | None = None) -> None:
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle), previous)

@@ -60,7 +60,9 @@ the present tasks; without it torchjd's default is the mean. NashMTL is the only
 GradDrop draw from torch's global RNG (``randperm`` / ``rand``), which the trainer checkpoints.
 
 If a present row is not finite, the aggregator is skipped and the plain sum is returned (the
-trainer then skips the step on its non-finite norm); counted as ``peer/skipped_nonfinite``.
+trainer then skips the step on its non-finite norm); counted as ``peer/skipped_nonfinite``. So
+are finite rows whose Gram matrix overflows, and weights a solver returns non-finite: the
+direction is NaN (the trainer skips) and the logged weights stay those of the last good step.
 
 Observability
 -------------
@@ -377,6 +379,9 @@ class TorchJDBalancer:
             self._skipped_nonfinite += 1
             return rows.sum(0)
         gram = (rows @ rows.T).to("cpu", torch.float64)
+        if not bool(torch.isfinite(gram).all()):  # finite rows whose products overflow float32
+            self._skipped_nonfinite += 1
+            return torch.full_like(grads[0], math.nan)  # the trainer skips the update
         if self.task_gradient == "mean_loss":
             tokens = stats.tokens.detach().to("cpu", torch.float64)[list(index)]
             scale = tokens.sum() / tokens
@@ -388,6 +393,9 @@ class TorchJDBalancer:
             warnings.filterwarnings("ignore", message=".*not DPP", category=UserWarning)
             weights, direction, residual = self._aggregate(aggregator, rows, gram, scale)
         weights = weights.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(weights).all()):  # a solver that failed on an extreme Gram matrix
+            self._skipped_nonfinite += 1
+            return torch.full_like(grads[0], math.nan)
         if direction is None:
             direction = weights.to(rows) @ rows
             direction_sq = float(weights @ gram @ weights)

@@ -28,6 +28,7 @@ from polycats.io import atomic_write_json
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 FORMAT_VERSION = 1
 EVAL_TOKEN_LIMIT = 1024  # valid/test sentences are cut to this many pieces (the model has 4096 positions)
+TOKENIZER_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length
 
 
 def language_tag(language: str) -> str:
@@ -79,7 +80,23 @@ def tokenizer_training_text(corpus: ParallelCorpus, config: DataConfig) -> list[
 def train_tokenizer(sentences: list[str], languages: list[str], config: DataConfig, model_path: Path) -> None:
     import io
 
+    # SentencePiece skips longer training sentences, and aborts when it has none left.
+    usable = [sentence for sentence in sentences if len(sentence.encode("utf-8")) <= TOKENIZER_SENTENCE_BYTES]
+    if not usable:
+        raise PolycatsError(
+            f"every sentence of the tokenizer's training text is longer than {TOKENIZER_SENTENCE_BYTES} bytes; "
+            "split the corpus into sentences (one per line)"
+        )
     model = io.BytesIO()
+    try:
+        train_sentencepiece(usable, languages, config, model)
+    except RuntimeError as error:  # SentencePiece's own checks, e.g. too few distinct characters
+        first_line = (str(error).strip().splitlines() or ["unknown error"])[0]
+        raise PolycatsError(f"SentencePiece could not train a tokenizer on this corpus: {first_line[:200]}") from None
+    model_path.write_bytes(model.getvalue())
+
+
+def train_sentencepiece(sentences: list[str], languages: list[str], config: DataConfig, model) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
@@ -92,8 +109,8 @@ def train_tokenizer(sentences: list[str], languages: list[str], config: DataConf
         hard_vocab_limit=False,
         num_threads=2,
         minloglevel=2,
+        max_sentence_length=TOKENIZER_SENTENCE_BYTES,
     )
-    model_path.write_bytes(model.getvalue())
 
 
 @dataclass

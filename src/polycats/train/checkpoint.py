@@ -1,11 +1,21 @@
 """Checkpoints: plain dicts of tensors and numbers, written atomically, read with
-``torch.load(weights_only=True)`` (never unpickling arbitrary objects)."""
+``torch.load(weights_only=True)`` (never unpickling arbitrary objects), each carrying a SHA-256
+of its contents that is checked on every load.
+
+The trainer's ``last.pt`` is written with :func:`save_rotating`, which keeps the one before it as
+``last.prev.pt``; :func:`load_latest` falls back to that one, with a warning, when ``last.pt`` is
+corrupt or missing.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import re
+import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +24,129 @@ import torch
 from polycats.errors import PolycatsError
 from polycats.io import atomic_torch_save
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a checksum; 1 (no checksum) still loads
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    atomic_torch_save({"version": CHECKPOINT_VERSION, **state}, path)
+class CorruptCheckpoint(PolycatsError):
+    """A checkpoint that cannot be used: truncated, bit-flipped, unsafe to unpickle, not ours."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was unusable and training resumed from the previous one."""
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, every number,
+    string and container, in a fixed order. Independent of the file format, so it catches flipped
+    bits the zip container does not check."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{tensor.dtype}{tuple(value.shape)}:".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}:".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed({key: value for key, value in state.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
+    """Write ``state`` (with format version and checksum) atomically; ``previous``: keep the
+    file it replaces there."""
+    state = {"version": CHECKPOINT_VERSION, **state}
+    atomic_torch_save({**state, "checksum": state_checksum(state)}, path, previous)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's dict; :class:`CorruptCheckpoint` if it is unusable, :class:`PolycatsError`
+    if it is missing, unreadable or from a newer polycats."""
+    path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PolycatsError(f"checkpoint {path} does not exist") from None
     except OSError as error:  # a directory, no permission, an I/O error
         raise PolycatsError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as error:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, TypeError) as error:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's messages carry terminal colours
         first_line = message.splitlines()[0] if message else type(error).__name__
-        raise PolycatsError(
+        raise CorruptCheckpoint(
             f"checkpoint {path} is corrupt or not a safe polycats checkpoint ({first_line[:160]}); "
             "delete it or point to another checkpoint"
         ) from None
     if not isinstance(state, dict) or "model" not in state:
-        raise PolycatsError(f"checkpoint {path} has no 'model' weights; it was not written by polycats")
-    if state.get("version", CHECKPOINT_VERSION) > CHECKPOINT_VERSION:
-        raise PolycatsError(f"checkpoint {path} was written by a newer polycats (format {state['version']}); upgrade polycats")
+        raise CorruptCheckpoint(f"checkpoint {path} has no 'model' weights; it was not written by polycats")
+    version = state.get("version", 1)
+    if not isinstance(version, int):
+        raise CorruptCheckpoint(f"checkpoint {path} has a format version {version!r}; it was not written by polycats")
+    if version > CHECKPOINT_VERSION:
+        raise PolycatsError(f"checkpoint {path} was written by a newer polycats (format {version}); upgrade polycats")
+    if version >= 2 and state.get("checksum") != state_checksum(state):
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is corrupt (its contents do not match its checksum); delete it or point to another checkpoint"
+        )
     return state
+
+
+def previous_path(path: Path) -> Path:
+    """Where :func:`save_rotating` keeps the checkpoint before ``path``: ``last.pt`` → ``last.prev.pt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_rotating(state: dict[str, Any], path: Path) -> None:
+    """Write ``path``, keeping the checkpoint it replaces as :func:`previous_path`. The new one is
+    written and fsynced first, then two renames; a crash between them leaves only the previous
+    one, which :func:`load_latest` then takes."""
+    save_checkpoint(state, Path(path), previous=previous_path(Path(path)))
+
+
+def load_latest(path: Path, check: Callable[[dict[str, Any]], str | None] | None = None) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint of ``path`` and ``previous_path(path)``, or None if neither
+    exists. An unusable newer one (corrupt, or refused by ``check``, which returns a reason) is
+    moved aside to ``NAME.unusable`` (kept for inspection, never rotated into ``last.prev.pt``)
+    with a :class:`CheckpointFallbackWarning`; if every one that exists is unusable, a
+    :class:`PolycatsError` says why (never a silent fresh start). Call it only while holding
+    the run directory's lock."""
+    path = Path(path)
+    problems, unusable = [], []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            if candidate == path and previous_path(path).exists():
+                problems.append(f"{candidate.name} is missing (a crash while it was being replaced)")
+            continue
+        try:
+            state = load_checkpoint(candidate)
+            reason = check(state) if check is not None else None
+            if reason is not None:
+                raise CorruptCheckpoint(f"checkpoint {candidate} {reason}")
+        except CorruptCheckpoint as error:
+            problems.append(str(error).split("; delete it")[0])
+            unusable.append(candidate)
+            continue
+        if problems:
+            for bad in unusable:
+                os.replace(bad, bad.with_name(f"{bad.name}.unusable"))
+            kept = f" (kept as {', '.join(f'{bad.name}.unusable' for bad in unusable)})" if unusable else ""
+            warnings.warn(
+                f"{'; '.join(problems)}{kept}; resuming from {candidate} (update {state.get('update', '?')}) instead",
+                CheckpointFallbackWarning, stacklevel=2,
+            )
+        return state, candidate
+    if problems:
+        raise PolycatsError(
+            f"no usable checkpoint to resume from: {'; '.join(problems)}; "
+            f"move {path.parent} away to start over"
+        )
+    return None

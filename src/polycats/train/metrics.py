@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -11,7 +12,9 @@ class MetricsLog:
     """Appends events to ``RUN_DIR/metrics.jsonl`` and TensorBoard scalars to ``RUN_DIR/tb``.
 
     ``resume_at`` truncates metrics.jsonl to the byte offset stored in a checkpoint, so a resumed
-    run logs exactly what an uninterrupted run would have.
+    run logs exactly what an uninterrupted run would have (a partly written last line of a killed
+    run included); TensorBoard drops the events after the checkpoint's update (``purge_step``),
+    and on a fresh start every older event.
     """
 
     def __init__(self, run_dir: Path, resume_at: int | None = None, resume_update: int = 0, tensorboard: bool = True):
@@ -26,7 +29,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_update + 1 if resume_at is not None else None)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_update + 1 if resume_at is not None else 0)
 
     def log(self, event: str, update: int, values: dict[str, float]) -> None:
         record = {"event": event, "update": update, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}}
@@ -38,7 +41,12 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, update)
 
     def offset(self) -> int:
+        """The byte offset after the last event, flushed and fsynced: a checkpoint that stores it
+        never points past what is on disk."""
         self.handle.flush()
+        os.fsync(self.handle.fileno())
+        if self.writer is not None:
+            self.writer.flush()
         return self.handle.tell()
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
-"""A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/ — and how to rebuild
-the model and data of a finished run (used by evaluate, translate and analyze)."""
+"""A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/, .lock — and how to
+rebuild the model and data of a finished run (used by evaluate, translate and analyze)."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -69,6 +71,10 @@ def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> li
     return differences
 
 
+def summarise(differences: list[str]) -> str:
+    return "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -92,10 +98,14 @@ class RunDir:
             return
         differences = config_differences(load_config(self.config_path).model_dump(mode="json"), config.model_dump(mode="json"))
         if differences:
-            shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
             raise PolycatsError(
-                f"{self.path} holds a run of a different config ({shown}); use a new --out directory or the same config"
+                f"{self.path} holds a run of a different config ({summarise(differences)}); "
+                "use a new --out directory or the same config"
             )
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
 
     def checkpoint_path(self, which: str = "last") -> Path:
         path = self.checkpoints / f"{which}.pt"
@@ -120,6 +130,53 @@ class RunDir:
             ) from None
         model.eval()
         return model
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive ``flock`` on ``RUN_DIR/.lock``.
+
+    The kernel drops the lock when its holder exits, however it exits (SIGKILL, a crash, a power
+    cut), so a ``.lock`` file left behind by a dead run never blocks the next one. The file keeps
+    the holder's pid and host for the error message; it is never deleted (deleting a lock file
+    races with a process opening it). Needs a filesystem with working ``flock`` (local disks; NFS
+    only with lock support).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.handle = None
+
+    @property
+    def held(self) -> bool:
+        return self.handle is not None
+
+    def acquire(self) -> RunLock:
+        if self.handle is not None:
+            return self
+        import fcntl
+
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise PolycatsError(
+                f"{self.path.parent} is in use by another training run ({holder}); wait for it to finish "
+                "or train into another --out directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the descriptor drops the flock
+            self.handle = None
 
 
 def set_threads(threads: int) -> None:

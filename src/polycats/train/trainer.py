@@ -1,17 +1,35 @@
 """The training loop: sampler → batches → model → balancer → optimiser, with per-task loss
-accounting, validation, checkpoints (last + best + snapshots), exact resume, metrics.jsonl and
-TensorBoard. The loop never special-cases a method: it asks the balancer whether it needs
-per-task gradients and otherwise only for loss weights."""
+accounting, validation, checkpoints (last + best + snapshots), metrics.jsonl and TensorBoard. The
+loop never special-cases a method: it asks the balancer whether it needs per-task gradients and
+otherwise only for loss weights.
+
+Reliability (docs/reliability.md): one trainer per run directory (a lock); ``last.pt`` holds the
+whole state (model, Adam, balancer, sampler, every RNG, counters, the logging window, the
+metrics.jsonl offset), so a run killed at any point resumes bit-identically; a corrupt ``last.pt``
+falls back to ``last.prev.pt``; SIGINT/SIGTERM finish the update, save and stop; a non-finite loss
+or gradient skips the update, and too many in a row save the last good state and stop.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+# Imported here, not lazily: rich draws from Python's global RNG on import, which must happen
+# before the trainer seeds it (or the saved RNG state would depend on import order).
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
@@ -19,14 +37,46 @@ from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sampling_probabilities
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.diagnostics.curvature import hessian_operator
-from polycats.errors import PolycatsError
-from polycats.io import atomic_write_text
+from polycats.errors import Interrupted, PolycatsError
+from polycats.io import atomic_write_text, remove_stale_temp_files
 from polycats.model.transformer import Transformer, token_losses
-from polycats.train.checkpoint import load_checkpoint, save_checkpoint
+from polycats.train.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.train.metrics import MetricsLog
-from polycats.train.run_dir import RunDir, build_balancer, build_model, set_threads
+from polycats.train.run_dir import RunDir, RunLock, build_balancer, build_model, config_differences, set_threads, summarise
 
 MAX_SKIPPED_IN_A_ROW = 20
+NAN_HOOK = "POLYCATS_TEST_NAN_AT"
+
+
+def nan_injection_points() -> set[int]:
+    """Test hook: ``POLYCATS_TEST_NAN_AT=3,4`` makes the loss of the 3rd and 4th training batch of
+    the run NaN (batches are counted from 1 and include skipped ones), so the non-finite guard can
+    be tested end to end, in-process or in a subprocess. Unset in normal use."""
+    raw = os.environ.get(NAN_HOOK, "").strip()
+    try:
+        return {int(part) for part in raw.split(",") if part.strip()}
+    except ValueError:
+        raise PolycatsError(f"{NAN_HOOK}={raw!r}: expected batch numbers such as 3,4") from None
+
+
+def rng_state() -> dict:
+    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
 
 
 def inverse_sqrt_schedule(update: int, warmup: int) -> float:
@@ -51,6 +101,16 @@ class TaskTotals:
     def reset(self) -> None:
         self.nll = torch.zeros(self.num_tasks, dtype=torch.float64)
         self.tokens = torch.zeros(self.num_tasks, dtype=torch.float64)
+
+    def merge(self, other: TaskTotals) -> None:
+        self.nll += other.nll
+        self.tokens += other.tokens
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"nll": self.nll.clone(), "tokens": self.tokens.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.nll, self.tokens = state["nll"].double().clone(), state["tokens"].double().clone()
 
     def add(self, task: int | Tensor, nll: Tensor, tokens: Tensor) -> None:
         if isinstance(task, int):
@@ -77,17 +137,40 @@ class TaskTotals:
 
 
 class Trainer:
+    """Trains ``config`` into ``run_dir``, resuming from its last checkpoint.
+
+    Holds the run directory's lock from construction until :meth:`fit` returns (or :meth:`close`):
+    a second trainer on the same directory gets a clear error.
+    """
+
     def __init__(self, config: Config, run_dir: str | Path, data: PreparedData | None = None, progress: bool | None = None):
         self.config = config
         self.run = RunDir(run_dir)
-        self.run.check_compatible(config)
         self.run.path.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.run.lock_path).acquire()
+        try:
+            self.setup(data, progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def setup(self, data: PreparedData | None, progress: bool | None) -> None:
+        config = self.config
+        # Left by writes a kill interrupted; we hold the lock. (The run directory may be shared
+        # with the user's files: only our own names there.)
+        remove_stale_temp_files(self.run.checkpoints)
+        remove_stale_temp_files(self.run.path, self.run.config_path.name)
+        self.run.check_compatible(config)
         atomic_write_text(self.run.config_path, config.to_yaml())
         set_threads(config.train.threads)
+        self.nan_at = nan_injection_points()
         self.data = data or prepare(config.data)
         self.tasks = self.data.tasks
         self.groups = self.data.meta["groups"]
+        # Every global RNG from the seed: a run is a function of its config, whatever ran before it.
         torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        np.random.seed(config.train.seed)
         self.model: Transformer = build_model(config, self.data.vocab_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         t = config.train
@@ -106,8 +189,19 @@ class Trainer:
         self.bad_validations = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.last_valid: dict[str, float] = {}
+        self.saved_at = -1  # batches drawn (updates + skipped) when last.pt was last written or read
+        self.stop_signal: int | None = None
         self.show_progress = sys.stdout.isatty() if progress is None else progress
         self.totals = TaskTotals(len(self.tasks))
+
+    def close(self) -> None:
+        """Release the run directory (fit does this when it returns)."""
+        self.lock.release()
+
+    @property
+    def batches_drawn(self) -> int:
+        return self.update + self.skipped_total
 
     def sampling_weights(self) -> dict[str, float] | None:
         weights = self.config.sampling.weights
@@ -122,40 +216,88 @@ class Trainer:
         return {task: weights[lang] for task, lang in languages.items()}
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_path(self) -> Path:
+        return self.run.checkpoints / "last.pt"
+
     def state(self, metrics_offset: int) -> dict:
+        from polycats import __version__
+
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "sampler": self.stream.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "update": self.update,
             "best_valid": self.best_valid,
             "bad_validations": self.bad_validations,
             "skipped_total": self.skipped_total,
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "totals": self.totals.state_dict(),  # the logging window: train_nll since the last log
+            "last_valid": dict(self.last_valid),
             "metrics_offset": metrics_offset,
             "tasks": self.tasks,
+            "config": json.dumps(self.config.model_dump(mode="json"), sort_keys=True),
+            "polycats_version": __version__,
         }
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, path: Path) -> None:
+        """Load a ``last.pt`` (format 1 checkpoints, without the newer fields, load too)."""
         if state.get("tasks") != self.tasks:
-            raise PolycatsError(f"checkpoint in {self.run.checkpoints} was trained on tasks {state.get('tasks')}, not {self.tasks}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.balancer.load_state_dict(state["balancer"])
-        self.stream.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+            raise PolycatsError(f"checkpoint {path} was trained on tasks {state.get('tasks')}, not {self.tasks}")
+        if "config" in state:
+            differences = config_differences(json.loads(state["config"]), self.config.model_dump(mode="json"))
+            if differences:
+                raise PolycatsError(
+                    f"checkpoint {path} was written by a run of a different config ({summarise(differences)}); "
+                    "was it copied from another run? Use that run's config or a new --out directory"
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.balancer.load_state_dict(state["balancer"])
+            self.stream.load_state_dict(state["sampler"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
+            else:
+                torch.set_rng_state(state["torch_rng"])
+            if "totals" in state:
+                self.totals.load_state_dict(state["totals"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PolycatsError(
+                f"checkpoint {path} does not fit this run ({first_line[:160]}); was it copied from another run?"
+            ) from None
         self.update = int(state["update"])
         self.best_valid = float(state["best_valid"])
         self.bad_validations = int(state["bad_validations"])
         self.skipped_total = int(state["skipped_total"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.last_valid = dict(state.get("last_valid", {}))
+        self.saved_at = self.batches_drawn
 
-    def save(self, metrics: MetricsLog) -> None:
+    def save(self, metrics: MetricsLog, snapshot: bool = True) -> None:
+        """Write the update's snapshot (if kept), then last.pt (the previous one becomes
+        last.prev.pt). In that order: a kill between the two must not leave a last.pt whose
+        snapshot is missing, as a resume would never write it."""
         state = self.state(metrics.offset())
-        save_checkpoint(state, self.run.checkpoints / "last.pt")
-        if self.config.train.keep_snapshots:
-            snapshot = {"model": state["model"], "balancer": state["balancer"], "update": self.update}
-            save_checkpoint(snapshot, self.run.checkpoints / f"update_{self.update:06d}.pt")
+        if snapshot and self.config.train.keep_snapshots:
+            snapshot_state = {"model": state["model"], "balancer": state["balancer"], "update": self.update}
+            save_checkpoint(snapshot_state, self.run.checkpoints / f"update_{self.update:06d}.pt")
+        save_rotating(state, self.last_path)
+        self.saved_at = self.batches_drawn
+
+    def resume_state(self) -> tuple[dict, Path] | None:
+        """The newest usable full checkpoint and its path (None: a fresh start)."""
+        metrics = self.run.path / "metrics.jsonl"
+        size = metrics.stat().st_size if metrics.exists() else 0
+
+        def check(state: dict) -> str | None:
+            offset = int(state.get("metrics_offset", 0))
+            return None if offset <= size else f"expects {offset} bytes of {metrics}, which has {size}"
+
+        return load_latest(self.last_path, check)
 
     # ------------------------------------------------------------------ steps
     def batch_loss(self, batch: Batch) -> Tensor:
@@ -193,38 +335,54 @@ class Trainer:
         return per_task_gradients(self.params, [first.get(i) and closure(first[i]) for i in range(len(self.tasks))])
 
     def train_step(self, batch: Batch) -> dict[str, float]:
+        """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
+        nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
+        poison = self.batches_drawn + 1 in self.nan_at  # the NaN test hook (POLYCATS_TEST_NAN_AT)
         self.prepare_balancer(batch)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         smoothing = self.config.train.label_smoothing
         total_tokens = batch.target_tokens
+        step_totals = TaskTotals(len(self.tasks))
         if self.balancer.needs_task_gradients:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
                     loss, nll = token_losses(self.model(sub.src, sub.tgt_in), sub.tgt_out, PAD, smoothing)
+                    if poison:
+                        loss = loss * math.nan
                     tokens = sub.target_tokens
-                    self.totals.add(index, nll.sum().detach(), torch.tensor(tokens))
+                    step_totals.add(index, nll.sum().detach(), torch.tensor(tokens))
                     task_sum = loss.sum()
                     return TaskLoss(task_sum / total_tokens, mean=float(task_sum.detach()) / tokens, tokens=tokens)
                 return run
 
             subs = batch.by_task(len(self.tasks))
-            backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
+            stats = backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
+            loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
             loss, nll = token_losses(self.model(batch.src, batch.tgt_in), batch.tgt_out, PAD, smoothing)
+            if poison:
+                loss = loss * math.nan
             row_tokens = (batch.tgt_out != PAD).sum(dim=1)
-            self.totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
+            step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
             task_sums = torch.zeros(len(self.tasks)).index_add(0, batch.task, loss.sum(dim=1))
-            ((self.balancer.loss_weights().to(task_sums) * task_sums).sum() / total_tokens).backward()
-            observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro)
+            total = (self.balancer.loss_weights().to(task_sums) * task_sums).sum() / total_tokens
+            loss_finite = bool(torch.isfinite(total))
+            if loss_finite:
+                total.backward()
+            observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro; skips non-finite)
             if observe_losses is not None:
                 task_tokens = torch.zeros(len(self.tasks)).index_add(0, batch.task, row_tokens.to(torch.float32))
                 observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
+        if not loss_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"skipped": 1.0, "reason": "loss"}
         clip = self.config.train.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return {"skipped": 1.0}
+            return {"skipped": 1.0, "reason": "gradient"}
+        self.totals.merge(step_totals)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * inverse_sqrt_schedule(self.update + 1, self.config.train.warmup_updates)
         self.optimizer.step()
@@ -248,42 +406,52 @@ class Trainer:
         return training_diagnostics(self.model, self.data, weights)
 
     # ------------------------------------------------------------------ the loop
-    def resume_state(self) -> dict | None:
-        last = self.run.checkpoints / "last.pt"
-        return load_checkpoint(last) if last.exists() else None
-
     def fit(self) -> dict[str, float]:
+        """Train to ``train.max_updates`` (or early stop); returns the last validation.
+
+        Raises :class:`~polycats.errors.Interrupted` after saving when SIGINT/SIGTERM asked it
+        to stop, and :class:`PolycatsError` after saving when too many updates in a row were not
+        finite. Releases the run directory when it returns or raises.
+        """
+        self.lock.acquire()
+        try:
+            with self.stop_on_signals():
+                metrics = self.open_metrics()
+                try:
+                    return self.loop(metrics)
+                finally:
+                    metrics.close()
+        finally:
+            self.close()
+
+    def open_metrics(self) -> MetricsLog:
+        found = self.resume_state()
+        if found is not None:
+            state, path = found
+            self.restore(state, path)
+            return MetricsLog(self.run.path, int(state["metrics_offset"]), self.update)
+        metrics = MetricsLog(self.run.path)
+        sizes = self.data.meta["sizes"]
+        metrics.log("start", 0, {
+            **{f"sampling_p/{task}": float(p) for task, p in zip(self.tasks, self.probabilities)},
+            **{f"train_pairs/{task}": sizes[task]["train"] for task in self.tasks},
+            "parameters": sum(p.numel() for p in self.params),
+        })
+        return metrics
+
+    def loop(self, metrics: MetricsLog) -> dict[str, float]:
         t = self.config.train
-        state = self.resume_state()
-        if state is not None:
-            self.restore(state)
-        metrics = MetricsLog(self.run.path, None if state is None else int(state["metrics_offset"]), self.update)
-        if state is None:
-            sizes = self.data.meta["sizes"]
-            metrics.log("start", 0, {
-                **{f"sampling_p/{task}": float(p) for task, p in zip(self.tasks, self.probabilities)},
-                **{f"train_pairs/{task}": sizes[task]["train"] for task in self.tasks},
-                "parameters": sum(p.numel() for p in self.params),
-            })
-        last_valid: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
-        stopped_early = False
+        stopped_early = t.patience > 0 and self.bad_validations >= t.patience  # a resumed run that had stopped
         with self.progress_bar() as progress:
             task_id = progress.add_task("train", total=t.max_updates, completed=self.update, status="")
-            while self.update < t.max_updates:
+            while self.update < t.max_updates and not stopped_early:
+                if self.stop_signal is not None:
+                    self.stop_for_signal(metrics)
                 batch = self.stream.next()
                 step = self.train_step(batch)
                 if "skipped" in step:
-                    self.skipped_in_a_row += 1
-                    self.skipped_total += 1
-                    tasks = sorted({self.tasks[i] for i in batch.task.tolist()})
-                    metrics.log("skipped_update", self.update, {"skipped_total": self.skipped_total, "tasks": ",".join(tasks)})
-                    if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        metrics.close()
-                        raise PolycatsError(
-                            f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient; the last good "
-                            f"state is {self.run.checkpoints / 'last.pt'}; lower train.lr or check the data"
-                        )
+                    self.skip(batch, step["reason"], metrics)
                     continue
                 self.skipped_in_a_row = 0
                 self.update += 1
@@ -294,7 +462,7 @@ class Trainer:
                         **self.totals.summary("train_nll", self.tasks, self.groups),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "grad_norm": step["grad_norm"],
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),  # wall clock: the one inexact value
                         **self.balancer.log_values(),
                     }
                     metrics.log("train", self.update, values)
@@ -305,29 +473,75 @@ class Trainer:
                 if t.diagnostics_every and (self.update % t.diagnostics_every == 0 or self.update == 1):
                     metrics.log("diagnostics", self.update, self.diagnostics())
                 if self.update % t.valid_every == 0 or self.update == t.max_updates:
-                    last_valid = self.validate()
-                    improved = last_valid["valid_nll"] < self.best_valid
+                    self.last_valid = self.validate()
+                    improved = self.last_valid["valid_nll"] < self.best_valid
                     if improved:
-                        self.best_valid, self.bad_validations = last_valid["valid_nll"], 0
+                        self.best_valid, self.bad_validations = self.last_valid["valid_nll"], 0
                         save_checkpoint({"model": self.model.state_dict(), "update": self.update}, self.run.checkpoints / "best.pt")
                     else:
                         self.bad_validations += 1
-                    metrics.log("valid", self.update, {**last_valid, "best_valid_nll": self.best_valid})
+                    metrics.log("valid", self.update, {**self.last_valid, "best_valid_nll": self.best_valid})
                     if not self.show_progress:
-                        print(f"update {self.update}/{t.max_updates}  valid_nll {last_valid['valid_nll']:.3f}  "
+                        print(f"update {self.update}/{t.max_updates}  valid_nll {self.last_valid['valid_nll']:.3f}  "
                               f"best {self.best_valid:.3f}", flush=True)
                     stopped_early = t.patience > 0 and self.bad_validations >= t.patience
+                    if stopped_early:  # logged before the checkpoint, so a resume never logs it twice
+                        metrics.log("early_stop", self.update, {"bad_validations": self.bad_validations})
                 if self.update % t.save_every == 0 or self.update == t.max_updates or stopped_early:
                     self.save(metrics)
-                if stopped_early:
-                    metrics.log("early_stop", self.update, {"bad_validations": self.bad_validations})
-                    break
-        metrics.close()
-        return last_valid
+        return self.last_valid
 
-    def progress_bar(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def skip(self, batch: Batch, reason: str, metrics: MetricsLog) -> None:
+        """Count and log a skipped update; after MAX_SKIPPED_IN_A_ROW, save the last good state and stop."""
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        tasks = ",".join(sorted({self.tasks[i] for i in batch.task.tolist()}))
+        metrics.log("skipped_update", self.update, {
+            "reason": reason, "tasks": tasks, "skipped_in_a_row": self.skipped_in_a_row, "skipped_total": self.skipped_total,
+        })
+        print(f"warning: non-finite {reason} in the batch after update {self.update} (tasks {tasks}); "
+              f"update skipped ({self.skipped_in_a_row} in a row, {self.skipped_total} in all)", file=sys.stderr, flush=True)
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            self.save(metrics, snapshot=False)  # the model and optimiser are the last good update's
+            raise PolycatsError(
+                f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient (last batch: tasks {tasks}); "
+                f"the last good state (update {self.update}) is saved in {self.last_path}: run the same command to "
+                "continue past these batches, or check the data / lower train.lr in a new --out directory"
+            )
 
+    def stop_for_signal(self, metrics: MetricsLog) -> None:
+        if self.saved_at != self.batches_drawn:
+            self.save(metrics, snapshot=False)  # no snapshot: analyze curves keep their regular spacing
+        name = signal.Signals(self.stop_signal).name
+        raise Interrupted(
+            f"{name} received: stopped after update {self.update}/{self.config.train.max_updates} and saved "
+            f"{self.last_path}; run the same command to resume", self.stop_signal,
+        )
+
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to finish the current update, save and stop; a second
+        one stops at once (KeyboardInterrupt; atomic writes keep the files whole)."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # handlers only work there
+            yield
+            return
+
+        def request_stop(signum: int, frame) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            print(f"\n{signal.Signals(signum).name}: finishing the current update, then saving and stopping "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+        previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    def progress_bar(self) -> Progress:
         return Progress(
             TextColumn(f"[bold]{self.config.name}[/] {self.run.path.name}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
