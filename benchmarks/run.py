@@ -21,10 +21,14 @@ sys.path.insert(0, str(HERE))
 from benchmarks_table import markdown, print_rows  # noqa: E402
 
 import cats_overhead  # noqa: E402
+import eigen_vs_pyhessian  # noqa: E402
 
 BENCHMARKS = {
     "cats_overhead": ("CATS overhead vs the scalar balancer (demo preset)",
                       lambda quick: cats_overhead.run("demo", updates=5 if quick else 30, warmup=1 if quick else 3)),
+    "eigen_vs_pyhessian": ("Top Hessian eigenvalue vs PyHessian",
+                           lambda quick: eigen_vs_pyhessian.run(d_model=16 if quick else 64, steps=2 if quick else 20)),
+    "hvp": ("Hessian-vector products", lambda quick: eigen_vs_pyhessian.hvp_rows(d_model=16 if quick else 64)),
 }
 
 
