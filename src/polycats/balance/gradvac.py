@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
-from polycats.balance.torchjd_peers import TaskGradient, fit_weights, pair_statistics, task_gradient_field
+from polycats.balance.torchjd_peers import PeerRecord, TaskGradient, fit_weights, task_gradient_field
 
 
 class GradVacConfig(BaseModel):
@@ -148,13 +148,8 @@ class GradVac:
         # Slices of the flat gradient, one per group; None is one group (the whole model).
         self.groups: list[slice] | None = None
         self._targets: Tensor | None = None  # [groups, K, K] float64, allocated on first use
-        self._steps = 0
+        self.record = PeerRecord()
         self._corrections_total = 0
-        self._conflicts_total = 0
-        self._pairs_total = 0
-        self._skipped_nonfinite = 0
-        self._last: dict[str, float] = {}
-        self._last_weights: dict[str, float] = {}
 
     # ------------------------------------------------------------------ trainer hook
 
@@ -188,14 +183,14 @@ class GradVac:
         groups = self._checked_groups(grads.shape[1])
         if self._targets is None:
             self._targets = torch.zeros(len(groups), k, k, dtype=torch.float64)
-        self._steps += 1
+        self.record.steps += 1
         index = [int(i) for i in torch.nonzero(stats.present.cpu()).reshape(-1)]
         if not index:
-            self._last, self._last_weights = {"tasks": 0.0}, {}
+            self.record.record_absent()
             return torch.zeros_like(grads[0])
         rows = grads if len(index) == k else grads[index]
         if not bool(torch.isfinite(rows).all()):
-            self._skipped_nonfinite += 1
+            self.record.skipped_nonfinite += 1
             return rows.sum(0)
         if self.config.task_gradient == "mean_loss":
             tokens = stats.tokens.detach().to("cpu", torch.float64)[index]
@@ -225,42 +220,23 @@ class GradVac:
             weights, residual = weights_per_group[0], None
         else:
             weights, residual = fit_weights(rows, total_gram, direction)
-        pairs = pair_statistics(total_gram)
         self._corrections_total += corrections
-        self._conflicts_total += int(pairs["conflicts"])
-        self._pairs_total += int(pairs["pairs"])
-        total_sq = float(total_gram.sum())
-        direction_sq = float(direction.double().pow(2).sum())
+        self.record.record(self.tasks, index, weights, total_gram, float(direction.double().pow(2).sum()), residual)
         present_targets = self._targets[:, selector][:, :, selector]
         off_diagonal = ~torch.eye(len(index), dtype=torch.bool).expand_as(present_targets)
         chosen = present_targets[off_diagonal]
-        self._last = {
-            "tasks": float(len(index)),
-            **pairs,
-            "norm_ratio": math.sqrt(direction_sq / total_sq) if total_sq > 0 else 0.0,
-        }
-        if residual is not None:
-            self._last["fit_residual"] = residual
         self._last_corrections = corrections
         self._last_target_mean = float(chosen.mean()) if chosen.numel() else 0.0
         self._last_target_min = float(chosen.min()) if chosen.numel() else 0.0
-        self._last_weights = {self.tasks[i]: float(w) for i, w in zip(index, weights)}
         return direction
 
     def log_values(self) -> dict[str, float]:
-        values = {f"weight/{task}": w for task, w in self._last_weights.items()}
-        values.update({f"peer/{key}": value for key, value in self._last.items()})
-        values.update(
-            {
-                "peer/conflicts_total": float(self._conflicts_total),
-                "peer/pairs_total": float(self._pairs_total),
-                "peer/steps": float(self._steps),
-                "peer/skipped_nonfinite": float(self._skipped_nonfinite),
-                "gradvac/corrections_total": float(self._corrections_total),
-                "gradvac/groups": float(len(self.groups or [None])),
-            }
-        )
-        if "norm_ratio" in self._last:
+        values = self.record.log_values()
+        values.update({
+            "gradvac/corrections_total": float(self._corrections_total),
+            "gradvac/groups": float(len(self.groups or [None])),
+        })
+        if "norm_ratio" in self.record.last:
             values["gradvac/corrections"] = float(self._last_corrections)
             values["gradvac/target_mean"] = self._last_target_mean
             values["gradvac/target_min"] = self._last_target_min
@@ -268,14 +244,7 @@ class GradVac:
 
     def state_dict(self) -> dict[str, Any]:
         """The targets and counters (``torch.load(weights_only=True)`` safe)."""
-        return {
-            "targets": self.targets,
-            "steps": self._steps,
-            "corrections_total": self._corrections_total,
-            "conflicts_total": self._conflicts_total,
-            "pairs_total": self._pairs_total,
-            "skipped_nonfinite": self._skipped_nonfinite,
-        }
+        return {"targets": self.targets, "corrections_total": self._corrections_total, **self.record.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.state_dict()) - set(state)
@@ -290,11 +259,8 @@ class GradVac:
                 f"for tasks {self.tasks} and grouping {self.config.grouping!r}"
             )
         self._targets = targets
-        self._steps = int(state["steps"])
         self._corrections_total = int(state["corrections_total"])
-        self._conflicts_total = int(state["conflicts_total"])
-        self._pairs_total = int(state["pairs_total"])
-        self._skipped_nonfinite = int(state["skipped_nonfinite"])
+        self.record.load_state_dict(state)
 
     # ------------------------------------------------------------------ internals
 

@@ -91,6 +91,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -302,6 +303,59 @@ def fit_weights(rows: Tensor, gram: Tensor, direction: Tensor) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------- the balancer
 
 
+@dataclass
+class PeerRecord:
+    """What every gradient-combination peer logs and checkpoints: step and skip counters, the
+    cumulative count of conflicting pairs, and the last step's weights and pair statistics."""
+
+    steps: int = 0
+    skipped_nonfinite: int = 0
+    conflicts_total: int = 0
+    pairs_total: int = 0
+    last: dict[str, float] = field(default_factory=dict)
+    last_weights: dict[str, float] = field(default_factory=dict)
+
+    def record_absent(self) -> None:
+        self.last, self.last_weights = {"tasks": 0.0}, {}
+
+    def record(self, tasks: Sequence[str], index: Sequence[int], weights: Tensor, gram: Tensor,
+               direction_sq: float, residual: float | None) -> None:
+        """One combined step over the present tasks ``index`` (``gram``: their float64 Gram matrix)."""
+        pairs = pair_statistics(gram)
+        self.conflicts_total += int(pairs["conflicts"])
+        self.pairs_total += int(pairs["pairs"])
+        total_sq = float(gram.sum())
+        self.last = {
+            "tasks": float(len(index)),
+            **pairs,
+            "norm_ratio": math.sqrt(max(direction_sq, 0.0) / total_sq) if total_sq > 0 else 0.0,
+        }
+        if residual is not None:
+            self.last["fit_residual"] = residual
+        self.last_weights = {tasks[i]: float(w) for i, w in zip(index, weights)}
+
+    def log_values(self) -> dict[str, float]:
+        values = {f"weight/{task}": w for task, w in self.last_weights.items()}
+        values.update({f"peer/{key}": value for key, value in self.last.items()})
+        values.update({
+            "peer/conflicts_total": float(self.conflicts_total),
+            "peer/pairs_total": float(self.pairs_total),
+            "peer/steps": float(self.steps),
+            "peer/skipped_nonfinite": float(self.skipped_nonfinite),
+        })
+        return values
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "skipped_nonfinite": self.skipped_nonfinite,
+                "conflicts_total": self.conflicts_total, "pairs_total": self.pairs_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+        self.conflicts_total = int(state["conflicts_total"])
+        self.pairs_total = int(state["pairs_total"])
+
+
 class TorchJDBalancer:
     """A torchjd aggregator as a balancer: ``combine`` gives the aggregation of the present tasks'
     gradient rows.
@@ -346,12 +400,7 @@ class TorchJDBalancer:
         else:
             self.preference = None
         self._aggregators: dict[tuple[int, ...], Aggregator] = {}
-        self._steps = 0
-        self._skipped_nonfinite = 0
-        self._conflicts_total = 0
-        self._pairs_total = 0
-        self._last: dict[str, float] = {}
-        self._last_weights: dict[str, float] = {}
+        self.record = PeerRecord()
         if self.config is not None:
             self._aggregator(tuple(range(k)))  # fail now on a missing optional dependency
 
@@ -369,18 +418,18 @@ class TorchJDBalancer:
         k = len(self.tasks)
         if grads.ndim != 2 or grads.shape[0] != k:
             raise ValueError(f"{self.name} expects gradients [{k}, P], got {tuple(grads.shape)}")
-        self._steps += 1
+        self.record.steps += 1
         index = tuple(int(i) for i in torch.nonzero(stats.present.cpu()).reshape(-1))
         if not index:
-            self._last, self._last_weights = {"tasks": 0.0}, {}
+            self.record.record_absent()
             return torch.zeros_like(grads[0])
         rows = grads if len(index) == k else grads[list(index)]
         if not bool(torch.isfinite(rows).all()):
-            self._skipped_nonfinite += 1
+            self.record.skipped_nonfinite += 1
             return rows.sum(0)
         gram = (rows @ rows.T).to("cpu", torch.float64)
         if not bool(torch.isfinite(gram).all()):  # finite rows whose products overflow float32
-            self._skipped_nonfinite += 1
+            self.record.skipped_nonfinite += 1
             return torch.full_like(grads[0], math.nan)  # the trainer skips the update
         if self.task_gradient == "mean_loss":
             tokens = stats.tokens.detach().to("cpu", torch.float64)[list(index)]
@@ -394,49 +443,22 @@ class TorchJDBalancer:
             weights, direction, residual = self._aggregate(aggregator, rows, gram, scale)
         weights = weights.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(weights).all()):  # a solver that failed on an extreme Gram matrix
-            self._skipped_nonfinite += 1
+            self.record.skipped_nonfinite += 1
             return torch.full_like(grads[0], math.nan)
         if direction is None:
             direction = weights.to(rows) @ rows
             direction_sq = float(weights @ gram @ weights)
         else:
             direction_sq = float(direction.double().pow(2).sum())
-        total_sq = float(gram.sum())
-        pairs = pair_statistics(gram)
-        self._conflicts_total += int(pairs["conflicts"])
-        self._pairs_total += int(pairs["pairs"])
-        self._last = {
-            "tasks": float(len(index)),
-            **pairs,
-            "norm_ratio": math.sqrt(max(direction_sq, 0.0) / total_sq) if total_sq > 0 else 0.0,
-        }
-        if residual is not None:
-            self._last["fit_residual"] = residual
-        self._last_weights = {self.tasks[i]: float(w) for i, w in zip(index, weights)}
+        self.record.record(self.tasks, index, weights, gram, direction_sq, residual)
         return direction
 
     def log_values(self) -> dict[str, float]:
-        values = {f"weight/{task}": w for task, w in self._last_weights.items()}
-        values.update({f"peer/{key}": value for key, value in self._last.items()})
-        values.update(
-            {
-                "peer/conflicts_total": float(self._conflicts_total),
-                "peer/pairs_total": float(self._pairs_total),
-                "peer/steps": float(self._steps),
-                "peer/skipped_nonfinite": float(self._skipped_nonfinite),
-            }
-        )
-        return values
+        return self.record.log_values()
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, and NashMTL's solver state per set of present tasks (``weights_only`` safe)."""
-        state: dict[str, Any] = {
-            "name": self.name,
-            "steps": self._steps,
-            "skipped_nonfinite": self._skipped_nonfinite,
-            "conflicts_total": self._conflicts_total,
-            "pairs_total": self._pairs_total,
-        }
+        state: dict[str, Any] = {"name": self.name, **self.record.state_dict()}
         nash = {}
         for index, aggregator in self._aggregators.items():
             weighting = _nash_weighting(aggregator)
@@ -453,10 +475,7 @@ class TorchJDBalancer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"balancer state is for {state.get('name')!r}, not {self.name!r}")
-        self._steps = int(state["steps"])
-        self._skipped_nonfinite = int(state["skipped_nonfinite"])
-        self._conflicts_total = int(state["conflicts_total"])
-        self._pairs_total = int(state["pairs_total"])
+        self.record.load_state_dict(state)
         for key, saved in state.get("nashmtl", {}).items():
             index = tuple(int(i) for i in key.split(","))
             if not index or max(index) >= len(self.tasks):
