@@ -156,12 +156,15 @@ def report(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
+    methods: Annotated[str, typer.Option(
+        "--methods", help="comma-separated: T=1, T=5, T=100, CATS, or a peer (pcgrad, gradvac, mgda, cagrad, nashmtl, "
+        "upgrad, graddrop, imtlg, alignedmtl, dro)")] = "T=1,T=5,CATS",
     set_: SetOption = None,
 ) -> None:
     """The main job: T=1 vs T=5 vs CATS on the demo preset (Bible, de/fr vs sw/tl → en), with a summary."""
     from polycats.demo import run_demo
 
-    run_demo(out, set_ or [], console)
+    run_demo(out, set_ or [], console, tuple(m.strip() for m in methods.split(",") if m.strip()))
 
 
 def main() -> None:

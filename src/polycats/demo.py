@@ -1,6 +1,7 @@
 """``polycats demo`` / ``make demo``: the demo preset trained three ways (T=1, T=5, CATS on a
 T=1 sampler) for the same number of updates, each evaluated on the test split, then one summary
-table written to ``OUT/summary.md`` and ``OUT/summary.json``."""
+table written to ``OUT/summary.md`` and ``OUT/summary.json``. ``--methods`` picks other entries of
+``METHODS`` (the peers, T=100), all on the same preset, budget and seed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from polycats.config import load_config, preset_path
+from polycats.errors import PolycatsError
 from polycats.evaluate.run import evaluate_run
 from polycats.io import atomic_write_json, atomic_write_text
 from polycats.report.figures import alpha_curves, nll_curves
@@ -23,7 +25,12 @@ METHODS = {
     "T=5": ["sampling.temperature=5"],
     # The demo is short (400 updates): CATS starts adapting after 100 instead of its default 200.
     "CATS": ["sampling.temperature=1", "balancer.name=cats", "balancer.warmup_steps=100"],
+    "T=100": ["sampling.temperature=100"],
+    # Peers on the same T=1 sampler as CATS, with their documented default options.
+    **{peer: ["sampling.temperature=1", f"balancer.name={peer}"] for peer in (
+        "pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")},
 }
+DEFAULT_METHODS = ("T=1", "T=5", "CATS")
 GROUPS = ("LoRes", "HiRes", "All")
 
 
@@ -47,14 +54,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, overrides: list[str], console: Console) -> dict:
+def run_dir_name(method: str) -> str:
+    return method.replace("=", "").lower()
+
+
+def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
+    """Train and test each of ``methods``; a run already finished in ``out`` is resumed, not redone."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise PolycatsError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
     out = Path(out)
     preset = preset_path("demo")
     started = time.perf_counter()
     reports, timings = {}, {}
-    for method, method_overrides in METHODS.items():
-        config = load_config(preset, [*method_overrides, *overrides])
-        run_dir = out / method.replace("=", "").lower()
+    for method in methods:
+        config = load_config(preset, [*METHODS[method], *overrides])
+        run_dir = out / run_dir_name(method)
         console.rule(f"[bold]{method}[/] → {run_dir}")
         began = time.perf_counter()
         train(config, run_dir)
@@ -69,16 +84,18 @@ def run_demo(out: Path, overrides: list[str], console: Console) -> dict:
         table.add_row(*("—" if v is None else (f"{v:.1f}" if isinstance(v, float) else v) for v in row.values()))
     console.print(table)
     elapsed = time.perf_counter() - started
-    sizes = reports["T=1"]["train_pairs"]
-    signature = reports["T=1"]["sacrebleu_signature"]
+    first = reports[methods[0]]
+    sizes, signature = first["train_pairs"], first["sacrebleu_signature"]
     text = "\n".join([
         "# polycats demo",
         "",
-        f"Command: `polycats demo --out {out}`{' ' + ' '.join('--set ' + o for o in overrides) if overrides else ''}",
+        f"Command: `polycats demo --out {out}`"
+        + (f" --methods {','.join(methods)}" if methods != DEFAULT_METHODS else "")
+        + "".join(f" --set {o}" for o in overrides),
         f"Preset: `{preset.name}` — training pairs {json.dumps(sizes)}; {config.train.max_updates} updates of "
         f"≤{config.train.max_tokens} tokens; model d_model={config.model.d_model}, "
         f"{config.model.encoder_layers}+{config.model.decoder_layers} layers.",
-        f"Groups: {json.dumps(reports['T=1'].get('thresholds'))}. BLEU signature: `{signature}`.",
+        f"Groups: {json.dumps(first.get('thresholds'))}. BLEU signature: `{signature}`.",
         "",
         markdown_table(rows),
         "",
@@ -89,12 +106,14 @@ def run_demo(out: Path, overrides: list[str], console: Console) -> dict:
         "The research presets in configs/ and `docs/results.md` hold the measured comparisons.",
         "",
     ])
-    runs = {method: read_metrics(out / method.replace("=", "").lower()) for method in METHODS}
+    runs = {method: read_metrics(out / run_dir_name(method)) for method in methods}
     nll_curves(runs, out / "nll_curves.png")
-    alpha_curves(runs["CATS"], out / "cats_alpha.png")
-    text += "\n![train and valid NLL, LoRes and HiRes](nll_curves.png)\n\n![CATS α and λ](cats_alpha.png)\n"
+    text += "\n![train and valid NLL, LoRes and HiRes](nll_curves.png)\n"
+    if "CATS" in runs:
+        alpha_curves(runs["CATS"], out / "cats_alpha.png")
+        text += "\n![CATS α and λ](cats_alpha.png)\n"
     atomic_write_text(out / "summary.md", text)
     atomic_write_json(out / "summary.json", {"rows": rows, "timings_s": timings, "train_pairs": sizes, "signature": signature})
-    console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / m.replace('=', '').lower()) for m in METHODS)})")
+    console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / run_dir_name(m)) for m in methods)})")
     console.print(f"total time {elapsed / 60:.1f} min. Small budget: absolute BLEU is low; compare methods, not numbers with the paper.")
     return {"rows": rows, "timings": timings}
