@@ -210,6 +210,36 @@ def test_loading_state_into_a_used_stream(data):
     assert [as_lists(b.next()) for _ in range(30)] == expected
 
 
+def test_a_stage_change_draws_only_the_new_stages_tasks_and_resumes_exactly(data):
+    """Two-stage sampling: task 0 only, then the mix, switching mid-chunk; a checkpoint taken
+    before the switch (mid-chunk, so the resumed stream must rebuild the chunk it was in) or after
+    it replays the same batches."""
+    tasks = len(data)
+    first = np.eye(tasks)[0]
+    mix = sampling_probabilities({t: len(a) for t, a in data.items()}, 100.0)
+    switch = batches_per_chunk(data) // 2
+
+    def run(stream, start, count):
+        seen = []
+        for step in range(start, start + count):
+            stream.set_probabilities(first if step < switch else mix)
+            seen.append(as_lists(stream.next()))
+        return seen
+
+    original = BatchStream(data, first, 96, 3)
+    states = {}
+    batches = []
+    for step in range(3 * switch + 4):
+        states[step] = original.state_dict()
+        batches += run(original, step, 1)
+    assert all(set(batch[3]) == {0} for batch in batches[:switch])
+    assert set().union(*(batch[3] for batch in batches[switch:])) == set(range(tasks))
+    for step in (switch - 1, switch, switch + 1):
+        resumed = BatchStream(data, first, 96, 999)
+        resumed.load_state_dict(states[step])
+        assert run(resumed, step, len(batches) - step) == batches[step:], step
+
+
 def test_by_task_sub_batches_reassemble_the_batch(data):
     stream = stream_for(data, temperature=5.0)
     for _ in range(40):

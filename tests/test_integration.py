@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from polycats.config import config_from_dict
+from polycats.data.batching import BatchStream
+from polycats.errors import PolycatsError
 from polycats.evaluate.run import evaluate_run, translate_lines
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
@@ -53,6 +55,46 @@ def test_resume_gives_the_same_parameters_and_metrics(tmp_path):
     timing = ("tokens_per_s",)
     strip = lambda events: [{k: v for k, v in e.items() if k not in timing} for e in events]  # noqa: E731
     assert strip(read_metrics(straight)) == strip(read_metrics(split))
+
+
+def test_two_stage_sampling_trains_hires_first_and_resumes_across_the_switch(tmp_path, monkeypatch):
+    """sampling.first_stage_updates=3: de (HiRes) only for 3 updates, then the T=100 mix; stopping
+    before, at and after the switch and resuming ends where the straight run ends."""
+    from polycats.train.trainer import Trainer
+
+    two_stage = {"max_tokens": 300, "log_every": 1, "valid_every": 3, "save_every": 1, "keep_snapshots": False}
+
+    def config(max_updates):
+        tree = json.loads(json.dumps(SYNTHETIC))
+        tree["train"].update(two_stage, max_updates=max_updates)
+        tree["data"]["groups"] = {"lores_below": 1000, "hires_from": 1200}
+        tree["sampling"] = {"temperature": 100, "first_stage_updates": 3}
+        return config_from_dict(tree)
+
+    drawn = []
+    next_batch = BatchStream.next
+    monkeypatch.setattr(BatchStream, "next", lambda self: drawn.append(set((b := next_batch(self)).task.tolist())) or b)
+    straight = tmp_path / "straight"
+    trainer = Trainer(config(8), straight, progress=False)
+    trainer.fit()
+    assert all(tasks == {0} for tasks in drawn[:3]) and {1} <= set().union(*drawn[3:]), drawn
+    start = read_metrics(straight)[0]
+    assert start["first_stage_p/de-en"] == 1.0 and start["first_stage_p/sw-en"] == 0.0
+    for stop in (2, 3, 4):
+        split = tmp_path / f"split{stop}"
+        train(config(stop), split, progress=False)
+        train(config(8), split, progress=False)
+        a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), (stop, name)
+
+
+def test_two_stage_sampling_names_unknown_languages(tmp_path):
+    tree = json.loads(json.dumps(SYNTHETIC))
+    tree["sampling"] = {"first_stage_updates": 3, "first_stage_languages": ["xx"]}
+    with pytest.raises(PolycatsError, match="sampling.first_stage_languages: xx not in data.languages"):
+        train(config_from_dict(tree), tmp_path / "run", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def report(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
     methods: Annotated[str, typer.Option(
-        "--methods", help="comma-separated: T=1, T=5, T=100, CATS, or a peer (pcgrad, gradvac, mgda, cagrad, nashmtl, "
+        "--methods", help="comma-separated: T=1, T=5, T=100, CATS, two-stage, or a peer (pcgrad, gradvac, mgda, cagrad, nashmtl, "
         "upgrad, graddrop, imtlg, alignedmtl, dro)")] = "T=1,T=5,CATS",
     set_: SetOption = None,
 ) -> None:

@@ -128,6 +128,14 @@ class SamplingConfig(Section):
     weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
         None, description="explicit per-language sampling weights (replace the temperature formula)"
     )
+    first_stage_updates: int = Field(
+        0, ge=0, description="two-stage schedule (Choi et al. 2023): the first N updates sample only "
+        "first_stage_languages, then the mix above; 0 = one stage"
+    )
+    first_stage_languages: list[str] | None = Field(
+        None, description="languages of the first stage (their probabilities from the same formula, "
+        "renormalised); default: the HiRes group"
+    )
 
 
 class ScalarConfig(Section):

@@ -26,6 +26,7 @@ METHODS = {
     # The demo is short (400 updates): CATS starts adapting after 100 instead of its default 200.
     "CATS": ["sampling.temperature=1", "balancer.name=cats", "balancer.warmup_steps=100"],
     "T=100": ["sampling.temperature=100"],
+    "two-stage": ["sampling.temperature=5", "sampling.first_stage_updates=100"],  # HiRes first (Choi et al. 2023)
     # Peers on the same T=1 sampler as CATS, with their documented default options.
     **{peer: ["sampling.temperature=1", f"balancer.name={peer}"] for peer in (
         "pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")},

@@ -152,10 +152,27 @@ class BatchStream:
         self.position += 1
         return batch
 
-    def state_dict(self) -> dict[str, int | list[int]]:
-        return {"chunk": self.chunk, "position": self.position, "reads": list(self.reads), "seed": self.seed}
+    def set_probabilities(self, probabilities: np.ndarray) -> None:
+        """Draw from ``probabilities`` from the next batch on (a sampling schedule's stage change).
+        The rest of the current chunk is dropped — its sentences count as read — so the stream
+        stays a function of its state."""
+        probabilities = np.asarray(probabilities, dtype=float)
+        if np.array_equal(probabilities, self.probabilities):
+            return
+        if self.position:
+            if self._batches is None:  # resumed mid-chunk: rebuild it to know what it read
+                self.build_chunk()
+            self.chunk, self.position, self.reads = self.chunk + 1, 0, self._reads_after
+        self.probabilities = probabilities
+        self._batches = None
+
+    def state_dict(self) -> dict[str, int | list[int] | list[float]]:
+        return {"chunk": self.chunk, "position": self.position, "reads": list(self.reads), "seed": self.seed,
+                "probabilities": self.probabilities.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.chunk, self.position, self.reads = int(state["chunk"]), int(state["position"]), list(state["reads"])
         self.seed = int(state["seed"])
+        if "probabilities" in state:  # absent in checkpoints from before sampling schedules
+            self.probabilities = np.asarray(state["probabilities"], dtype=float)
         self._batches = None

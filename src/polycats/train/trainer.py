@@ -178,11 +178,12 @@ class Trainer:
         train = self.data.split("train")
         sizes = {task: len(train[task]) for task in self.tasks}
         self.probabilities = sampling_probabilities(sizes, config.sampling.temperature, self.sampling_weights())
+        self.first_stage = self.first_stage_probabilities()
         self.balancer = build_balancer(config, self.tasks, self.probabilities)
         set_parameters = getattr(self.balancer, "set_parameters", None)  # layout of the flat gradient (gradvac)
         if set_parameters is not None:
             set_parameters([(name, p) for name, p in self.model.named_parameters() if p.requires_grad])
-        self.stream = BatchStream(train, self.probabilities, t.max_tokens, t.seed)
+        self.stream = BatchStream(train, self.sampling_at(0), t.max_tokens, t.seed)
         self.valid_batches = fixed_batches(self.data.split("valid"), t.max_tokens)
         self.update = 0
         self.best_valid = math.inf
@@ -214,6 +215,33 @@ class Trainer:
         if sum(weights[lang] for lang in languages.values()) <= 0:
             raise PolycatsError("sampling.weights must give a positive weight to at least one language")
         return {task: weights[lang] for task, lang in languages.items()}
+
+    def first_stage_probabilities(self) -> np.ndarray | None:
+        """The two-stage schedule's first stage: the mix restricted to its languages, renormalised."""
+        sampling = self.config.sampling
+        if not sampling.first_stage_updates:
+            return None
+        languages = dict(zip(self.tasks, self.config.data.languages))
+        chosen = sampling.first_stage_languages
+        if chosen is None:
+            chosen = [lang for task, lang in languages.items() if self.groups[task] == "HiRes"]
+            if not chosen:
+                raise PolycatsError("sampling.first_stage_updates: no language is HiRes (data.groups.hires_from); "
+                                    "name the first stage's languages in sampling.first_stage_languages")
+        unknown = [lang for lang in chosen if lang not in languages.values()]
+        if unknown:
+            raise PolycatsError(f"sampling.first_stage_languages: {', '.join(unknown)} not in data.languages "
+                                f"({', '.join(languages.values())})")
+        first = np.where([lang in chosen for lang in languages.values()], self.probabilities, 0.0)
+        if first.sum() <= 0:
+            raise PolycatsError("sampling.first_stage_languages: every one has sampling probability 0")
+        return first / first.sum()
+
+    def sampling_at(self, update: int) -> np.ndarray:
+        """Task probabilities for the batch after ``update`` updates."""
+        if self.first_stage is not None and update < self.config.sampling.first_stage_updates:
+            return self.first_stage
+        return self.probabilities
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -402,7 +430,7 @@ class Trainer:
         training batches; the random state is untouched, so logging them does not change training."""
         from polycats.diagnostics.analyze import combined_weights, training_diagnostics
 
-        weights = combined_weights(self.tasks, self.probabilities.tolist(), self.balancer.loss_weights().tolist())
+        weights = combined_weights(self.tasks, self.sampling_at(self.update).tolist(), self.balancer.loss_weights().tolist())
         return training_diagnostics(self.model, self.data, weights)
 
     # ------------------------------------------------------------------ the loop
@@ -434,6 +462,8 @@ class Trainer:
         sizes = self.data.meta["sizes"]
         metrics.log("start", 0, {
             **{f"sampling_p/{task}": float(p) for task, p in zip(self.tasks, self.probabilities)},
+            **({f"first_stage_p/{task}": float(p) for task, p in zip(self.tasks, self.first_stage)}
+               if self.first_stage is not None else {}),
             **{f"train_pairs/{task}": sizes[task]["train"] for task in self.tasks},
             "parameters": sum(p.numel() for p in self.params),
         })
@@ -448,6 +478,7 @@ class Trainer:
             while self.update < t.max_updates and not stopped_early:
                 if self.stop_signal is not None:
                     self.stop_for_signal(metrics)
+                self.stream.set_probabilities(self.sampling_at(self.update))
                 batch = self.stream.next()
                 step = self.train_step(batch)
                 if "skipped" in step:
