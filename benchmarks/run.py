@@ -22,6 +22,7 @@ from benchmarks_table import markdown, print_rows  # noqa: E402
 
 import cats_overhead  # noqa: E402
 import eigen_vs_pyhessian  # noqa: E402
+import prepare_all  # noqa: E402
 
 BENCHMARKS = {
     "cats_overhead": ("CATS overhead vs the scalar balancer (demo preset)",
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "eigen_vs_pyhessian": ("Top Hessian eigenvalue vs PyHessian",
                            lambda quick: eigen_vs_pyhessian.run(d_model=16 if quick else 64, steps=2 if quick else 20)),
     "hvp": ("Hessian-vector products", lambda quick: eigen_vs_pyhessian.hvp_rows(d_model=16 if quick else 64)),
+    "prepare": ("polycats prepare, Bible languages: empty cache vs cache hit", prepare_all.rows),
 }
 
 
