@@ -4,6 +4,8 @@ one-line errors naming the file; leak-free, multi-parallel, seeded Bible splits.
 from __future__ import annotations
 
 import functools
+import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,17 @@ def test_normalise(raw, expected):
 def test_normalise_is_idempotent():
     for text in ["  a\u0301 b\u200b\tc  ", "x\r\ny", "\u00c5ngstr\u00f6m"]:
         assert normalise(normalise(text)) == normalise(text)
+
+
+def test_normalise_treats_exactly_re_whitespace_as_spaces():
+    """normalise splits with str.split(); its output (so prepared data and cache keys) equals the
+    earlier re.sub(r"\\s+", " ", ...).strip() only if both agree on what whitespace is."""
+    for code in range(0x110000):
+        char = chr(code)
+        assert (re.fullmatch(r"\s", char) is not None) == char.isspace(), hex(code)
+    text = "".join(f" x{chr(code)}{chr(code)} y" for code in range(0x3100))
+    visible = corpus_module._INVISIBLE.sub("", unicodedata.normalize("NFC", text))
+    assert normalise(text) == re.sub(r"\s+", " ", visible).strip()
 
 
 # ------------------------------------------------------------------------------ text
