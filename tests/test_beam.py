@@ -218,6 +218,28 @@ def test_cached_decoding_matches_full_forward():
     torch.testing.assert_close(torch.cat(rest, dim=1), full[order, 4:])
 
 
+def test_beam_rows_share_their_sentence_cross_attention():
+    """Blocks of rows per sentence (beam search's selects) keep one copy of each sentence's
+    cross-attention keys/values — none at all when no sentence is dropped — and decode as the
+    full forward pass of each row's own source and prefix."""
+    model = make_transformer()
+    src = random_sources(1, [7, 4, 9])
+    tgt_in = torch.cat([torch.full((6, 1), BOS), torch.randint(3, VOCAB, (6, 5))], dim=1)  # 2 rows per sentence
+    with torch.no_grad():
+        cache = model.start_cache(*model.encode(src))
+        keys = cache.cross_kv[0][0]
+        cache = cache.select(torch.arange(3).repeat_interleave(2))
+        assert cache.group == 2 and cache.cross_kv[0][0] is keys
+        first = model.decode(tgt_in[:, :2], cache)
+        # swap the beams of sentence 0, drop sentence 1, duplicate a beam of sentence 2
+        order = torch.tensor([1, 0, 5, 5])
+        cache = cache.select(order)
+        assert cache.group == 2 and torch.equal(cache.cross_kv[0][0], keys[[0, 2]])
+        rest = model.decode(tgt_in[order, 2:], cache)
+        full = model(src[order // 2], tgt_in[order])
+    torch.testing.assert_close(torch.cat([first[order], rest], dim=1), full)
+
+
 def uncached_greedy(model: Transformer, src: torch.Tensor, max_len: int) -> list[int]:
     """Greedy by re-running the whole prefix each step (no cache), one sentence."""
     prefix = [BOS]
@@ -263,6 +285,53 @@ def test_batch_equals_one_by_one(beam):
         [alone] = search(model, src[i : i + 1, : int((src[i] != PAD).sum())], **IDS, **settings_)
         assert alone.tokens == hyp.tokens
         assert alone.score == pytest.approx(hyp.score, abs=1e-9)
+
+
+def reference_beam(model: Transformer, src: torch.Tensor, max_len: int, beam: int, lenpen: float) -> tuple[list[int], float]:
+    """The module docstring's beam search for one sentence, spelled out: no cache (full forward
+    per prefix), the whole vocabulary ranked by a Python sort."""
+    def next_log_probs(prefix: list[int], step: int) -> torch.Tensor:
+        with torch.no_grad():
+            lprobs = F.log_softmax(model(src[None], torch.tensor([[BOS, *prefix]]))[0, -1], dim=-1)
+        lprobs[[PAD, BOS]] = -math.inf
+        if step == 0:
+            lprobs[EOS] = -math.inf
+        if step == max_len:
+            lprobs[torch.arange(VOCAB) != EOS] = -math.inf
+        return lprobs
+
+    live, best, best_score = [([], 0.0)], [], -math.inf
+    for step in range(max_len + 1):
+        extensions = sorted(
+            ((raw + float(lp), prefix, token) for prefix, raw in live
+             for token, lp in enumerate(next_log_probs(prefix, step))),
+            key=lambda e: -e[0],
+        )[: 2 * beam]
+        for raw, prefix, token in extensions[:beam]:
+            if token == EOS and raw > -math.inf and raw / (step + 1) ** lenpen > best_score:
+                best, best_score = prefix, raw / (step + 1) ** lenpen
+        live = [(prefix + [token], raw) for raw, prefix, token in extensions if token != EOS][:beam]
+        bound = max(raw for _, raw in live) / max((step + 2) ** lenpen, (max_len + 1) ** lenpen)
+        if step == max_len or best_score >= bound:
+            return best, best_score
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("beam, lenpen", [(2, 1.0), (2, 0.5), (3, 0.5), (4, 1.0)])
+def test_beam_equals_uncached_reference(beam, lenpen):
+    """Batched, cached search (sentences finishing at different steps, each beam ranking only its
+    own best 2 * beam tokens) finds what the plain reference finds."""
+    model = make_transformer(seed=7)
+    with torch.no_grad():  # lean the output towards eos, so that outputs end before their limits too
+        eos = model.embed.weight[EOS]
+        model.decoder_norm.bias += 1.75 * eos / eos.norm()
+    src = random_sources(8, [6, 2, 9, 4])
+    limits = max_lengths(src, pad_id=PAD, max_len_a=1.0, max_len_b=1).tolist()
+    hyps = search(model, src, **IDS, beam=beam, lenpen=lenpen, max_len_a=1.0, max_len_b=1)
+    for i, hyp in enumerate(hyps):
+        tokens, score = reference_beam(model, src[i][src[i] != PAD], limits[i], beam, lenpen)
+        assert hyp.tokens == tokens
+        assert hyp.score == pytest.approx(score, abs=1e-9)
 
 
 def test_search_uses_eval_mode_and_restores_training_mode():

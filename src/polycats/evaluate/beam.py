@@ -221,9 +221,13 @@ def _log_probs(logits: Tensor, step: int, at_limit: Tensor, ids: _SpecialIds) ->
         lprobs[:, ids.bos] = -math.inf
     if step == 0:  # min length 1
         lprobs[:, ids.eos] = -math.inf
-    not_eos = torch.ones(lprobs.shape[-1], dtype=torch.bool, device=lprobs.device)
-    not_eos[ids.eos] = False
-    return lprobs.masked_fill(at_limit[:, None] & not_eos, -math.inf)
+    # Rows at their limit are rare (the last step of a sentence): touch only those rows.
+    limited = at_limit.nonzero().squeeze(1)
+    if limited.numel():
+        eos = lprobs[limited, ids.eos]
+        lprobs[limited] = -math.inf
+        lprobs[limited, ids.eos] = eos
+    return lprobs
 
 
 def _normalise(raw: Tensor, length: int | Tensor, lenpen: float) -> Tensor:
@@ -290,10 +294,15 @@ def _beam(
         logits = model.decode(tokens[:, -1:], cache)[:, -1]
         vocab = logits.shape[-1]
         at_limit = (step >= limits[active]).repeat_interleave(beam)
-        lprobs = _log_probs(logits, step, at_limit, ids).to(raw.dtype)
-        extended = (raw.view(n * beam, 1) + lprobs).view(n, beam * vocab)
-        top_raw, top_index = extended.topk(min(2 * beam, beam * vocab), dim=1)
-        top_origin, top_token = top_index // vocab, top_index % vocab
+        lprobs = _log_probs(logits, step, at_limit, ids)
+        # Only a beam's own best 2 * beam tokens can rank among its sentence's best 2 * beam
+        # extensions: add the float64 scores to those, not to the whole vocabulary.
+        per_beam = min(2 * beam, vocab)
+        beam_lprobs, beam_token = lprobs.topk(per_beam, dim=1)
+        extended = (raw.view(n * beam, 1) + beam_lprobs.to(raw.dtype)).view(n, beam * per_beam)
+        top_raw, top_index = extended.topk(min(2 * beam, beam * per_beam), dim=1)
+        top_origin = top_index // per_beam
+        top_token = beam_token.view(n, beam * per_beam).gather(1, top_index)
         top_is_eos = top_token == ids.eos
 
         # Finished: eos extensions ranked within the top `beam` (and reachable at all).

@@ -108,21 +108,39 @@ class EncoderLayer(nn.Module):
 @dataclass
 class DecoderCache:
     """Per-layer keys/values: self-attention grows by one position per step; cross-attention
-    keys/values of the encoder output are computed once."""
+    keys/values of the encoder output are computed once.
+
+    Decoder rows come in groups of equal size, one group per row of ``cross_kv``: rows
+    ``i * group .. (i + 1) * group - 1`` read source sentence ``i`` (``group`` is the ratio of
+    the row counts). Beam search keeps ``beam`` rows per sentence, so the sentence's keys/values
+    are stored once, not copied for every beam and every step.
+    """
 
     self_kv: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
     cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     source_mask: Tensor | None = None
     length: int = 0
+    group: int = 1
 
     def select(self, index: Tensor) -> DecoderCache:
-        """Keep (and reorder) the batch rows in ``index`` — used by beam search."""
-        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        """Keep (and reorder) the decoder rows in ``index`` — used by beam search."""
+        pick = lambda kv, rows: (kv[0].index_select(0, rows), kv[1].index_select(0, rows))  # noqa: E731
+        sentence = torch.div(index, self.group, rounding_mode="floor")  # cross_kv row of each new row
+        kept = sentence.unique()  # sorted
+        group = index.numel() // kept.numel()
+        if index.numel() == group * kept.numel() and torch.equal(sentence, kept.repeat_interleave(group)):
+            # Each kept sentence still owns a block of `group` rows (beam reordering within a
+            # sentence, finished sentences dropped): only dropped sentences leave cross_kv.
+            cross_rows = None if kept.numel() == self.cross_kv[0][0].shape[0] else kept
+        else:
+            cross_rows, group = sentence, 1
         return DecoderCache(
-            self_kv=[None if kv is None else pick(kv) for kv in self.self_kv],
-            cross_kv=[pick(kv) for kv in self.cross_kv],
-            source_mask=None if self.source_mask is None else self.source_mask.index_select(0, index),
+            self_kv=[None if kv is None else pick(kv, index) for kv in self.self_kv],
+            cross_kv=self.cross_kv if cross_rows is None else [pick(kv, cross_rows) for kv in self.cross_kv],
+            source_mask=(self.source_mask if cross_rows is None or self.source_mask is None
+                         else self.source_mask.index_select(0, cross_rows)),
             length=self.length,
+            group=group,
         )
 
 
@@ -154,7 +172,11 @@ class DecoderLayer(nn.Module):
         new = x.shape[1]
         mask = torch.ones(new, past + new, dtype=torch.bool, device=x.device).tril(past) if past and new > 1 else None
         x = x + self.dropout(self.self_attn(h, k, v, mask=mask, causal=past == 0 and new > 1))
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *cross_kv, mask=source_mask))
+        # The rows of one source sentence (beams, see DecoderCache) attend to the same keys: fold
+        # them into the query length, one attention per sentence instead of one per row.
+        rows, _, dim = x.shape
+        h = self.cross_attn_norm(x).reshape(cross_kv[0].shape[0], -1, dim)
+        x = x + self.dropout(self.cross_attn(h, *cross_kv, mask=source_mask).view(rows, new, dim))
         return x + self.dropout(self.ffn(self.ffn_norm(x))), (k, v)
 
 
