@@ -3,6 +3,7 @@ length filtering (train only, exact counts), meta.json sizes and groups."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_cache_hit_reuses_the_directory(prepared, cache_root, monkeypatch):
     again = prepare(synthetic(), cache_root)
     assert again.root == prepared.root
     assert (again.root / "meta.json").stat().st_mtime_ns == mtime
-    assert [p.name for p in cache_root.iterdir()] == [prepared.root.name]
+    assert sorted(p.name for p in cache_root.iterdir()) == sorted([prepared.root.name, prepare_module.SOURCE_INDEX])
 
 
 def test_default_root_is_the_cache_dir(tmp_path, monkeypatch):
@@ -179,6 +180,38 @@ def test_long_training_pairs_are_filtered_to_exact_counts(tmp_path):
         assert len(data.references(split)["de-en"]) == 2
 
 
+def test_unchanged_input_files_hit_without_reading_the_corpus(tmp_path, monkeypatch):
+    """The index by the files' size and mtime: no read while they are unchanged; an edit that
+    keeps the text (touch) reads again and hits the same directory; a real edit builds anew; a
+    damaged index entry is only a slower lookup."""
+    corpus, cache = tmp_path / "corpus", tmp_path / "cache"
+    write_text_corpus(corpus)
+    first = prepare(text_config(corpus), cache)
+    reads = []
+    real_read = prepare_module.read_corpus
+    monkeypatch.setattr(prepare_module, "read_corpus", lambda config: reads.append(1) or real_read(config))
+    assert prepare(text_config(corpus), cache).root == first.root and reads == []
+    train_de = corpus / "train.de-en.de"
+    stat = train_de.stat()
+    os.utime(train_de, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert prepare(text_config(corpus), cache).root == first.root and reads == [1]
+    assert prepare(text_config(corpus), cache).root == first.root and reads == [1]  # indexed again
+    for entry in (cache / prepare_module.SOURCE_INDEX).iterdir():
+        entry.write_text("{not json")
+    assert prepare(text_config(corpus), cache).root == first.root and reads == [1, 1]
+    train_de.write_text(train_de.read_text(encoding="utf-8").replace("alpha", "omega"), encoding="utf-8")
+    assert prepare(text_config(corpus), cache).root != first.root and reads == [1, 1, 1]
+
+
+def test_language_order_is_the_task_order_of_the_cache_entry(tmp_path):
+    """Same files, same languages in another order: another entry whose tasks follow the config
+    (task indices, sampling weights and tags are matched to data.languages by position)."""
+    write_text_corpus(tmp_path / "corpus")
+    first = prepare(text_config(tmp_path / "corpus"), tmp_path / "cache")
+    swapped = prepare(text_config(tmp_path / "corpus", languages={"sw": 20, "de": 55}), tmp_path / "cache")
+    assert first.tasks == ["de-en", "sw-en"] and swapped.tasks == ["sw-en", "de-en"]
+
+
 def test_too_few_short_pairs_is_an_error_and_leaves_no_cache_entry(tmp_path):
     write_text_corpus(tmp_path / "corpus")
     cache = tmp_path / "cache"
@@ -202,7 +235,7 @@ def test_failure_inside_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(prepare_module, "atomic_write_json", real)
     data = prepare(synthetic(languages={"de": 5}, valid_per_lang=2, test_per_lang=2), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [data.root.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data.root.name, prepare_module.SOURCE_INDEX])
 
 
 def test_tokenizer_mix_includes_every_language(prepared):

@@ -323,5 +323,18 @@ def read_synthetic(config: DataConfig) -> ParallelCorpus:
 READERS = {"bible": read_bible, "text": read_text, "hf_disk": read_hf_disk, "synthetic": read_synthetic}
 
 
+def source_files(config: DataConfig) -> list[Path] | None:
+    """Every file the configured source reads (a superset is fine), for a cache lookup by size and
+    modification time before anything is read; None where they cannot be listed."""
+    if config.source == "synthetic":
+        return []
+    if config.source == "bible":
+        return [bible_db_path()]
+    root = Path(config.path)
+    if not root.is_dir():
+        return None  # the reader names the problem
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
 def read_corpus(config: DataConfig) -> ParallelCorpus:
     return READERS[config.source](config)

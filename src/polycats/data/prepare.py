@@ -2,7 +2,8 @@
 
 The prepared directory is keyed by a hash of the data config and of the corpus text itself, so a
 second ``prepare`` (or ``train``) with the same data is a cache hit, and any change to the data or
-the tokenizer settings makes a new directory. It is built in a temporary directory and renamed into
+the tokenizer settings makes a new directory; an index by the input files' size and modification
+time finds it without reading the corpus again. It is built in a temporary directory and renamed into
 place, so an interrupted prepare never leaves a half-written cache entry.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ import sentencepiece as spm
 import torch
 
 from polycats.config import DataConfig, cache_dir
-from polycats.data.corpus import SPLITS, ParallelCorpus, read_corpus
+from polycats.data import corpus as corpus_module
+from polycats.data.corpus import SPLITS, ParallelCorpus, read_corpus, source_files
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
 
@@ -244,13 +247,45 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
     atomic_write_json(directory / "meta.json", meta)
 
 
+SOURCE_INDEX = ".by-source"  # in the cache root: input files' stat → the key of their prepared directory
+
+
+def source_key(config: DataConfig) -> str | None:
+    """A key from the config, the input files' paths, sizes and modification times and the reading
+    code itself: equal keys mean reading the corpus again would give the same text."""
+    files = source_files(config)
+    if files is None:
+        return None
+    digest = hashlib.sha256(json.dumps({
+        "config": config.model_dump(mode="json"), "tasks": config.tasks(), "format": FORMAT_VERSION,
+        "files": [[str(path.resolve()), (stat := path.stat()).st_size, stat.st_mtime_ns] for path in files],
+    }, sort_keys=True).encode())
+    for module in (corpus_module, sys.modules[__name__]):  # a reader change must re-read
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:20]
+
+
 def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
-    """Read the corpus and return its prepared directory, building it only on a cache miss."""
-    corpus = read_corpus(config)
-    key_source = json.dumps({"config": config.model_dump(mode="json"), "corpus": corpus_digest(corpus),
-                             "format": FORMAT_VERSION}, sort_keys=True)
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
+    """The prepared directory of ``config``'s data, built only on a cache miss.
+
+    A second call with unchanged input files finds it through their size and modification time
+    without reading the corpus (near-instant); otherwise the corpus is read and its text hashed,
+    so an edit that keeps the text the same still hits."""
     root = Path(root) if root is not None else cache_dir() / "prepared"
+    fast_key = source_key(config)
+    index = root / SOURCE_INDEX / f"{fast_key}.json"
+    if fast_key is not None and index.exists():
+        try:
+            directory = root / json.loads(index.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            directory = None  # a damaged index entry is rewritten below
+        if directory is not None and (directory / "meta.json").exists():
+            return PreparedData(directory)
+    corpus = read_corpus(config)
+    # sort_keys loses the order of data.languages, which is the task order: "tasks" keeps it.
+    key_source = json.dumps({"config": config.model_dump(mode="json"), "tasks": config.tasks(),
+                             "corpus": corpus_digest(corpus), "format": FORMAT_VERSION}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
     directory = root / key
     if not (directory / "meta.json").exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -264,4 +299,7 @@ def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    if fast_key is not None:
+        index.parent.mkdir(exist_ok=True)
+        atomic_write_json(index, {"key": key})
     return PreparedData(directory)
