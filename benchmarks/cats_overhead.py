@@ -1,10 +1,13 @@
 """CATS overhead vs the scalar balancer: seconds per update and peak RSS at equal batches.
 
-Time: both trainers live in one process and take turns on the same batches (scalar step, CATS
+Time: all trainers live in one process and take turns on the same batches (scalar step, CATS
 step, next batch...), and the ratio is the median of the per-batch ratios — robust to other load
 on the machine, which slows both alike. Peak RSS: each method alone in its own process. CATS pays
 for its per-task forward/backward passes and the Gram matrix from the first update;
 ``warmup_steps=0`` makes it also pay for the α update every step.
+
+The machinery takes any set of methods (name → ``--set`` overrides); ``balancer_cost.py`` uses it
+for the peers and for the growth with the number of languages.
 
     python benchmarks/cats_overhead.py --preset demo --updates 30
 """
@@ -14,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 METHODS = {
     "scalar": [],
@@ -24,14 +29,14 @@ METHODS = {
 }
 
 
-def measure(preset: str, method: str, updates: int, warmup: int, threads: int, extra: list[str]) -> dict:
+def measure(preset: str, method: str, updates: int, warmup: int, threads: int, overrides: list[str]) -> dict:
     import torch
 
     from polycats.config import load_config, preset_path
     from polycats.train.trainer import Trainer
     import tempfile
 
-    config = load_config(preset_path(preset), [*METHODS[method], f"train.threads={threads}", *extra])
+    config = load_config(preset_path(preset), [*overrides, f"train.threads={threads}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, progress=False)
         torch.manual_seed(0)
@@ -53,46 +58,76 @@ def measure(preset: str, method: str, updates: int, warmup: int, threads: int, e
     }
 
 
-def interleaved(preset: str, updates: int, warmup: int, threads: int, extra: list[str]) -> dict[str, list[float]]:
-    """Per-batch seconds of each method, the methods alternating on identical batches."""
+@dataclass
+class Timings:
+    """Per-update seconds of each method (``seconds[m][t]``: update ``t``, taken in the same round
+    for every method) and the backward passes each update cost: one per task present in the
+    batch for a balancer that needs per-task gradients, else one."""
+
+    seconds: dict[str, list[float]]
+    passes: dict[str, list[int]]
+
+    def median(self, method: str) -> float:
+        return statistics.median(self.seconds[method])
+
+    def ratio(self, method: str, baseline: str) -> float:
+        """Median over rounds of the per-round ratio: both were timed back to back, under the same load."""
+        return statistics.median(a / b for a, b in zip(self.seconds[method], self.seconds[baseline]))
+
+    def mean_passes(self, method: str) -> float:
+        return statistics.fmean(self.passes[method])
+
+
+def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup: int, threads: int,
+                extra: list[str]) -> Timings:
+    """Time each method's updates, the methods taking turns. Methods with the same data config
+    share one prepared dataset and one batch stream, so they step on identical batches."""
     import tempfile
 
     from polycats.config import load_config, preset_path
+    from polycats.data.prepare import prepare
     from polycats.train.trainer import Trainer
 
-    seconds: dict[str, list[float]] = {method: [] for method in METHODS}
+    timings = Timings({method: [] for method in methods}, {method: [] for method in methods})
+    groups: dict[str, list[str]] = {}  # data config → its methods
+    data = {}
     with tempfile.TemporaryDirectory() as root:
-        trainers = {
-            method: Trainer(load_config(preset_path(preset), [*options, f"train.threads={threads}", *extra]),
-                            f"{root}/{method}", progress=False)
-            for method, options in METHODS.items()
-        }
-        stream = next(iter(trainers.values())).stream
+        trainers = {}
+        for index, (method, options) in enumerate(methods.items()):
+            config = load_config(preset_path(preset), [*options, f"train.threads={threads}", *extra])
+            key = config.data.model_dump_json()
+            if key not in data:  # prepare reads the whole corpus even on a cache hit: once per data config
+                data[key] = prepare(config.data)
+            groups.setdefault(key, []).append(method)
+            trainers[method] = Trainer(config, f"{root}/{index}", data=data[key], progress=False)
         for step in range(warmup + updates):
-            batch = stream.next()
-            for method, trainer in trainers.items():
-                started = time.perf_counter()
-                trainer.train_step(batch)
-                if step >= warmup:
-                    seconds[method].append(time.perf_counter() - started)
-    return seconds
+            for members in groups.values():
+                batch = trainers[members[0]].stream.next()
+                present = len(batch.task.unique())
+                for method in members:
+                    trainer = trainers[method]
+                    started = time.perf_counter()
+                    trainer.train_step(batch)
+                    if step >= warmup:
+                        timings.seconds[method].append(time.perf_counter() - started)
+                        timings.passes[method].append(present if trainer.balancer.needs_task_gradients else 1)
+    return timings
 
 
 def run(preset: str = "demo", updates: int = 30, warmup: int = 3, threads: int = 2, extra: list[str] | None = None) -> list[dict]:
-    import statistics
-
-    per_batch = interleaved(preset, updates, warmup, threads, extra or [])
+    extra = extra or []
+    timings = interleaved(preset, METHODS, updates, warmup, threads, extra)
     rows = []
-    for method in METHODS:
+    for method, options in METHODS.items():
         command = [sys.executable, __file__, "--child", method, "--preset", preset, "--updates", str(updates),
-                   "--warmup", str(warmup), "--threads", str(threads), *sum((["--set", e] for e in extra or []), [])]
+                   "--warmup", str(warmup), "--threads", str(threads),
+                   *sum((["--set", o] for o in [*options, *extra]), [])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     base = rows[0]
     for row in rows:
-        mine = per_batch[row["method"]]
-        row["interleaved_s_per_update"] = statistics.median(mine)
-        row["time_ratio_vs_scalar"] = statistics.median(a / b for a, b in zip(mine, per_batch["scalar"]))
+        row["interleaved_s_per_update"] = timings.median(row["method"])
+        row["time_ratio_vs_scalar"] = timings.ratio(row["method"], "scalar")
         row["rss_ratio_vs_scalar"] = row["peak_rss_mb"] / base["peak_rss_mb"]
     return rows
 
@@ -104,7 +139,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], dest="extra")
-    parser.add_argument("--child", choices=sorted(METHODS))
+    parser.add_argument("--child", metavar="METHOD", help="measure one method alone (its options come as --set)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.preset, args.child, args.updates, args.warmup, args.threads, args.extra)))
