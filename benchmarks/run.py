@@ -23,6 +23,7 @@ from benchmarks_table import markdown, print_rows  # noqa: E402
 import balancer_cost  # noqa: E402
 import cats_overhead  # noqa: E402
 import eigen_vs_pyhessian  # noqa: E402
+import hf_marian  # noqa: E402
 import prepare_all  # noqa: E402
 
 BENCHMARKS = {
@@ -32,6 +33,8 @@ BENCHMARKS = {
                            lambda quick: eigen_vs_pyhessian.run(d_model=16 if quick else 64, steps=2 if quick else 20)),
     "hvp": ("Hessian-vector products", lambda quick: eigen_vs_pyhessian.hvp_rows(d_model=16 if quick else 64)),
     "prepare": ("polycats prepare, Bible languages: empty cache vs cache hit", prepare_all.rows),
+    "hf_train_throughput": ("Training throughput vs HF MarianMTModel of the same size (demo preset)", hf_marian.throughput_rows),
+    "hf_beam": ("Greedy and beam decoding vs HF MarianMTModel generate (demo preset)", hf_marian.beam_rows),
     "peer_cost": ("Seconds per update of every balancer (demo preset)", balancer_cost.peer_rows),
     "cost_vs_k": ("Cost per update vs number of languages K (demo model and batch)", balancer_cost.k_rows),
 }
