@@ -96,6 +96,10 @@ def ratio(seconds: dict[str, list[float]]) -> float:
 
 
 def throughput_rows(quick: bool) -> list[dict]:
+    return training_rows(updates=2, warmup=1) if quick else training_rows(updates=30, warmup=3)
+
+
+def training_rows(updates: int, warmup: int) -> list[dict]:
     from polycats.data.batching import BatchStream, sampling_probabilities
     from polycats.data.prepare import PAD
     from polycats.model.transformer import token_losses
@@ -106,7 +110,6 @@ def throughput_rows(quick: bool) -> list[dict]:
     train = data.split("train")
     probabilities = sampling_probabilities({task: len(train[task]) for task in data.tasks}, config.sampling.temperature)
     stream = BatchStream(train, probabilities, t.max_tokens, t.seed)
-    warmup, updates = (1, 4) if quick else (3, 30)
     batches = [stream.next() for _ in range(warmup + updates)]
     ours, marian = models(config, data.vocab_size)
 
@@ -161,7 +164,7 @@ def test_batches(data, sentences: int, batch_size: int) -> list[torch.Tensor]:
 
 def beam_rows(quick: bool) -> list[dict]:
     if quick:
-        return decoding_rows(sentences=20, max_len=16, repeats=1, batch_size=10)
+        return decoding_rows(sentences=10, max_len=12, repeats=1, batch_size=10)
     return decoding_rows(sentences=200, max_len=48, repeats=3, batch_size=demo_data()[0].eval.batch_size)
 
 
