@@ -214,6 +214,22 @@ def test_a_checkpoint_of_another_config_is_refused(straight, tmp_path):
     assert "different config" in message and "model.ffn_dim: 32 -> 48" in message
 
 
+def test_a_checkpoint_from_before_a_new_option_resumes(run_to_8, straight):
+    """A field added to the config since the checkpoint was written is at its default, not a
+    "different config" (the two-stage sampling options were once such fields)."""
+    path = run_to_8 / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    older = json.loads(state.pop("config"))
+    del older["sampling"]["first_stage_updates"], older["sampling"]["first_stage_languages"]
+    state.pop("checksum")
+    save_checkpoint({**state, "config": json.dumps(older, sort_keys=True)}, path)
+    train(tiny(), run_to_8, progress=False)
+    resumed = torch.load(path, weights_only=True)
+    reference = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["update"] == 12
+    assert all(torch.equal(t, reference["model"][name]) for name, t in resumed["model"].items())
+
+
 def test_a_checkpoint_of_a_newer_version_is_an_error_not_a_fallback(run_to_8):
     state = torch.load(run_to_8 / "checkpoints" / "last.pt", weights_only=True)
     torch.save({**state, "version": 99}, run_to_8 / "checkpoints" / "last.pt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from polycats.balance.base import Balancer
-from polycats.config import Config, load_config
+from polycats.config import Config, config_from_dict, load_config
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.errors import PolycatsError
 from polycats.model.transformer import Transformer, TransformerShape
@@ -69,6 +69,15 @@ def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> li
         elif a != b:
             differences.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
     return differences
+
+
+def with_current_defaults(saved: dict) -> dict:
+    """A config saved by an earlier version, with the fields added since at their defaults (so
+    that adding an option never blocks resuming); as saved where it no longer validates."""
+    try:
+        return config_from_dict(saved).model_dump(mode="json")
+    except PolycatsError:
+        return saved
 
 
 def summarise(differences: list[str]) -> str:

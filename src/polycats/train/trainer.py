@@ -42,7 +42,9 @@ from polycats.io import atomic_write_text, remove_stale_temp_files
 from polycats.model.transformer import Transformer, token_losses
 from polycats.train.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.train.metrics import MetricsLog
-from polycats.train.run_dir import RunDir, RunLock, build_balancer, build_model, config_differences, set_threads, summarise
+from polycats.train.run_dir import (
+    RunDir, RunLock, build_balancer, build_model, config_differences, set_threads, summarise, with_current_defaults,
+)
 
 MAX_SKIPPED_IN_A_ROW = 20
 NAN_HOOK = "POLYCATS_TEST_NAN_AT"
@@ -275,7 +277,7 @@ class Trainer:
         if state.get("tasks") != self.tasks:
             raise PolycatsError(f"checkpoint {path} was trained on tasks {state.get('tasks')}, not {self.tasks}")
         if "config" in state:
-            differences = config_differences(json.loads(state["config"]), self.config.model_dump(mode="json"))
+            differences = config_differences(with_current_defaults(json.loads(state["config"])), self.config.model_dump(mode="json"))
             if differences:
                 raise PolycatsError(
                     f"checkpoint {path} was written by a run of a different config ({summarise(differences)}); "
