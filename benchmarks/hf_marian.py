@@ -137,6 +137,7 @@ def training_rows(updates: int, warmup: int) -> list[dict]:
         "benchmark": f"train d{m.d_model} L{m.encoder_layers}+{m.decoder_layers} H{m.heads} F{m.ffn_dim} V{data.vocab_size}, "
                      f"{updates} demo batches of {t.max_tokens} tokens",
         "threads": threads,
+        "norm (ours / HF)": "pre / post",
         "ours params": parameters(ours),
         "HF params": parameters(marian),
         "ours tok/s": tokens / sum(seconds["ours"]),
@@ -145,7 +146,7 @@ def training_rows(updates: int, warmup: int) -> list[dict]:
     }]
 
 
-def test_batches(data, sentences: int, batch_size: int) -> list[torch.Tensor]:
+def source_batches(data, sentences: int, batch_size: int) -> list[torch.Tensor]:
     """The first test sentences of every task, length-sorted and cut into right-padded batches."""
     from polycats.data.prepare import PAD
 
@@ -176,7 +177,7 @@ def decoding_rows(sentences: int, max_len: int, repeats: int, batch_size: int) -
     config, data = demo_data()
     ours, marian = models(config, data.vocab_size)
     marian.eval()  # generate() leaves the mode alone; our search sets eval itself
-    batches = test_batches(data, sentences, batch_size)
+    batches = source_batches(data, sentences, batch_size)
     lenpen = config.eval.lenpen
     rows = []
     for beam in (1, 4):
