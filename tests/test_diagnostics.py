@@ -236,6 +236,24 @@ def test_negative_dominated_spectrum_is_labelled():
         assert result.largest_algebraic != result.largest_magnitude
 
 
+@pytest.mark.parametrize("negate", [False, True])
+def test_top_only_lanczos_matches_exact_hessian_on_mlp(negate):
+    """``ends="top"``: the largest-magnitude end, plus lambda_max when that end is negative."""
+    model, closure = mlp_problem(0, negate)
+    eigenvalues = torch.linalg.eigvalsh(exact_hessian(model, closure))
+    top, bottom = float(eigenvalues[-1]), float(eigenvalues[0])
+    result = lanczos(hessian_operator(model, closure), ends="top")
+    assert result.converged and result.settings["which"] == ("LM+LA" if negate else "LM")
+    assert_close(result.largest_algebraic, top)
+    assert_close(result.largest_magnitude, bottom if negate else top)
+    if negate:
+        assert_close(result.smallest_algebraic, bottom)
+    else:
+        assert result.smallest_algebraic is None
+    with pytest.raises(ValueError):
+        lanczos(hessian_operator(model, closure), ends="bottom")
+
+
 class DiagonalOperator:
     """Any object with size/dtype/device/matvec is an operator: the algorithms never see a model."""
 
@@ -255,7 +273,7 @@ def test_power_iteration_is_not_fooled_by_a_flat_bulk():
     reported lambda_max = 0.0004."""
     bulk = torch.linspace(-0.01, 0.01, 20_000, dtype=torch.float64)
     op = DiagonalOperator(torch.cat([bulk, torch.tensor([-1.3854, -1.3, 1.1279, 1.0], dtype=torch.float64)]))
-    for result in (power_iteration(op, max_iter=1000), lanczos(op)):
+    for result in (power_iteration(op, max_iter=1000), lanczos(op), lanczos(op, ends="top")):
         assert result.converged
         assert_close(result.largest_magnitude, -1.3854, rtol=1e-2)
         assert_close(result.largest_algebraic, 1.1279, rtol=1e-2)
@@ -283,6 +301,10 @@ def test_eigenvalues_match_exact_hessian_on_transformer(transformer_case):
         assert_close(result.largest_algebraic, top)
         assert_close(result.largest_magnitude, magnitude)
         assert_close(result.smallest_algebraic, bottom)
+    top_only = top_eigenvalue(model, closure, method="lanczos", ends="top", tol=1e-10)
+    assert top_only.converged
+    assert_close(top_only.largest_algebraic, top)
+    assert_close(top_only.largest_magnitude, magnitude)
     assert by_lanczos.settings["parameters"] == eigenvalues.numel() == 1696
     # power iteration and Lanczos agree with each other
     assert_close(by_power.largest_algebraic, by_lanczos.largest_algebraic)
