@@ -164,3 +164,22 @@ def test_loss_is_computed_in_float32():
     logits = torch.randn(1, 3, VOCAB).to(torch.bfloat16)
     loss, nll = token_losses(logits, tokens(0, (1, 3)), PAD, 0.1)
     assert loss.dtype == nll.dtype == torch.float32
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_losses_skip_padding_and_equal_the_full_computation(smoothing):
+    """model.losses projects only target tokens; values and gradients equal token_losses on the
+    full logits (double precision: any difference would be the skipped rows leaking in)."""
+    model = make_model().double()
+    src, tgt_in, tgt_out = tokens(0, (4, 6)), tokens(1, (4, 5)), tokens(2, (4, 5))
+    tgt_out[1, 3:] = PAD
+    tgt_out[3, 1:] = PAD
+    full_loss, full_nll = token_losses(model(src, tgt_in), tgt_out, PAD, smoothing)
+    full_grads = torch.autograd.grad(full_loss.sum(), list(model.parameters()))
+    loss, nll = model.losses(src, tgt_in, tgt_out, smoothing)
+    grads = torch.autograd.grad(loss.sum(), list(model.parameters()))
+    assert loss.shape == nll.shape == tgt_out.shape and bool((loss[tgt_out == PAD] == 0).all())
+    torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nll, full_nll, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

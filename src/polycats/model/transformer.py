@@ -220,17 +220,34 @@ class Transformer(nn.Module):
             source_mask=source_mask,
         )
 
-    def decode(self, tgt_in: Tensor, cache: DecoderCache) -> Tensor:
-        """Logits for ``tgt_in`` given the cache; the cache is extended in place."""
+    def decoder_states(self, tgt_in: Tensor, cache: DecoderCache) -> Tensor:
+        """Final decoder states for ``tgt_in`` given the cache; the cache is extended in place."""
         x = self.embed_tokens(tgt_in, offset=cache.length)
         for i, layer in enumerate(self.decoder_layers):
             x, cache.self_kv[i] = layer(x, cache.cross_kv[i], cache.source_mask, cache.self_kv[i])
         cache.length += tgt_in.shape[1]
-        return F.linear(self.decoder_norm(x), self.embed.weight)
+        return self.decoder_norm(x)
+
+    def output_logits(self, states: Tensor) -> Tensor:
+        return F.linear(states, self.embed.weight)  # tied to the embeddings
+
+    def decode(self, tgt_in: Tensor, cache: DecoderCache) -> Tensor:
+        """Logits for ``tgt_in`` given the cache; the cache is extended in place."""
+        return self.output_logits(self.decoder_states(tgt_in, cache))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, mask = self.encode(src)
         return self.decode(tgt_in, self.start_cache(memory, mask))
+
+    def losses(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``token_losses(self(src, tgt_in), tgt_out, ...)`` with the vocabulary projection and
+        softmax — the largest cost of a step — computed only at target tokens, not at padding."""
+        memory, mask = self.encode(src)
+        states = self.decoder_states(tgt_in, self.start_cache(memory, mask))
+        keep = tgt_out != self.shape.pad_id
+        loss, nll = token_losses(self.output_logits(states[keep]), tgt_out[keep], self.shape.pad_id, label_smoothing)
+        padded = torch.zeros(tgt_out.shape, dtype=loss.dtype, device=loss.device)
+        return padded.masked_scatter(keep, loss), padded.masked_scatter(keep, nll)
 
 
 def token_losses(logits: Tensor, target: Tensor, pad_id: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -39,7 +39,7 @@ from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.diagnostics.curvature import hessian_operator
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_text, remove_stale_temp_files
-from polycats.model.transformer import Transformer, token_losses
+from polycats.model.transformer import Transformer
 from polycats.train.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.train.metrics import MetricsLog
 from polycats.train.run_dir import (
@@ -332,7 +332,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def batch_loss(self, batch: Batch) -> Tensor:
         """The usual training loss of a batch (sum of token losses / tokens)."""
-        loss, _ = token_losses(self.model(batch.src, batch.tgt_in), batch.tgt_out, PAD, self.config.train.label_smoothing)
+        loss, _ = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, self.config.train.label_smoothing)
         return loss.sum() / batch.target_tokens
 
     def prepare_balancer(self, batch: Batch) -> None:
@@ -377,7 +377,7 @@ class Trainer:
         if self.balancer.needs_task_gradients:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
-                    loss, nll = token_losses(self.model(sub.src, sub.tgt_in), sub.tgt_out, PAD, smoothing)
+                    loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
                     if poison:
                         loss = loss * math.nan
                     tokens = sub.target_tokens
@@ -390,7 +390,7 @@ class Trainer:
             stats = backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
-            loss, nll = token_losses(self.model(batch.src, batch.tgt_in), batch.tgt_out, PAD, smoothing)
+            loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
             if poison:
                 loss = loss * math.nan
             row_tokens = (batch.tgt_out != PAD).sum(dim=1)
@@ -423,7 +423,7 @@ class Trainer:
         self.model.eval()
         totals = TaskTotals(len(self.tasks))
         for batch in self.valid_batches:
-            _, nll = token_losses(self.model(batch.src, batch.tgt_in), batch.tgt_out, PAD)
+            _, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out)
             totals.add(batch.task, nll.sum(dim=1), (batch.tgt_out != PAD).sum(dim=1))
         return totals.summary("valid_nll", self.tasks, self.groups)
 
