@@ -130,3 +130,23 @@ def test_translate_keeps_one_output_line_per_input_line(tiny_bible_run):
     outputs = translate_lines(tiny_bible_run, ["Mungu ni upendo.", "", "x" * 5000], "sw", "en")
     assert len(outputs) == 3
     assert outputs[1] == ""
+
+
+def test_cats_update_every_pays_for_per_task_passes_only_on_alpha_updates(tmp_path, monkeypatch):
+    """warmup 2, update_every 3: per-task passes on steps 0, 1 (warm-up) and 2, 5, 8 (α updates);
+    the other steps are one weighted backward pass, and α moves only on the update steps."""
+    import polycats.train.trainer as trainer_module
+
+    tree = json.loads(json.dumps(SYNTHETIC))
+    tree["train"].update(max_updates=9, log_every=1, valid_every=9, save_every=9, max_tokens=300)
+    tree["balancer"] = {"name": "cats", "warmup_steps": 2, "update_every": 3}
+    trainer = trainer_module.Trainer(config_from_dict(tree), tmp_path / "run", progress=False)
+    per_task_steps = []
+    real = trainer_module.backward_per_task
+    monkeypatch.setattr(trainer_module, "backward_per_task",
+                        lambda *args, **kwargs: per_task_steps.append(trainer.update) or real(*args, **kwargs))
+    trainer.fit()
+    assert per_task_steps == [0, 1, 2, 5, 8]
+    alphas = [e["alpha/sw-en"] for e in read_metrics(tmp_path / "run") if e["event"] == "train"]
+    moved = [update for update, (a, b) in enumerate(zip([1.0, *alphas], alphas), start=1) if a != b]
+    assert moved == [3, 6, 9], alphas

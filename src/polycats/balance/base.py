@@ -21,6 +21,9 @@ Optional hooks, called by the trainer only when a balancer has them (``getattr``
   flat gradient rows; for per-parameter-group methods (GradVac).
 * ``wants_valid_stats(update)`` / ``observe(stats)`` and ``curvature_probe`` — CATS
   (``polycats.balance.cats``).
+* ``task_gradients_now()`` — before each step, whether this step needs per-task gradients
+  (default: ``needs_task_gradients``); CATS with ``update_every > 1`` says no between its α
+  updates, and those steps go the loss-weighted way (``loss_weights``, ``observe_losses``).
 
 Notation (``docs/cats.md``): on a batch, task ``i`` contributes the token-NLL sum ``S_i`` over its
 ``n_i`` target tokens, ``N = sum_i n_i``; ``L_i = S_i / n_i`` and ``g_i = grad(S_i / N)``, so

@@ -89,7 +89,10 @@ Schedule and where L and M come from
 (``backward_per_task``); on steps ``t >= warmup_steps`` with ``(t − warmup_steps) % update_every
 == 0`` (``t`` = training steps seen before this one) it updates α from this batch's ``L`` and
 ``M`` *first* and then returns ``αᵀ G`` with the new α. On other steps α stays as is and only the
-energy EMA moves.
+energy EMA moves. With ``update_every > 1`` the trainer asks ``task_gradients_now()`` and, after
+warm-up, pays for per-task passes only on α-update steps: the steps between are one backward pass
+of ``Σ α_i S_i / N`` (the same direction), counted by ``observe_losses``, and the energy EMA moves
+on update steps only. So the per-task cost is amortised over ``update_every`` steps.
 
 ``source="valid"``: α is updated from statistics on fixed validation batches, not from the
 training batch. The trainer calls, before each training step with 0-based index ``update``::
@@ -460,6 +463,18 @@ class CATS:
         """Whether α is updated on the training step with 0-based index ``step``."""
         cfg = self.config
         return step >= cfg.warmup_steps and (step - cfg.warmup_steps) % cfg.update_every == 0
+
+    def task_gradients_now(self) -> bool:
+        """Whether the coming training step needs per-task gradients: in warm-up (the energy EMA)
+        and on α-update steps; the trainer runs one weighted backward pass on the others."""
+        step = self._steps
+        return self.needs_task_gradients and (step < self.config.warmup_steps or self.is_update_step(step))
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        """A training step taken with one backward pass of ``Σ α_i S_i / N`` (see
+        :meth:`task_gradients_now`): only counted, so the update schedule stays in step."""
+        if self.config.source == "train":
+            self._steps += 1
 
     def wants_valid_stats(self, update: int) -> bool:
         """``source="valid"``: whether the trainer should compute validation statistics and call

@@ -374,7 +374,8 @@ class Trainer:
         smoothing = self.config.train.label_smoothing
         total_tokens = batch.target_tokens
         step_totals = TaskTotals(len(self.tasks))
-        if self.balancer.needs_task_gradients:
+        task_gradients_now = getattr(self.balancer, "task_gradients_now", None)  # cats: only on α-update steps
+        if task_gradients_now() if task_gradients_now is not None else self.balancer.needs_task_gradients:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
                     loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
