@@ -10,6 +10,8 @@ on identical batches, medians of per-round ratios. ``backward_passes`` is the me
 backward passes per update: the tasks present in the batch for the per-task-gradient balancers
 (LoRes tasks are often absent at T = 1, so fewer than K), one for the loss-weighting ones.
 
+``--quick`` checks the harness only: ``tiny.py``'s toy model on synthetic data, K = 2, 4.
+
     python benchmarks/balancer_cost.py [--quick]
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import tiny
 from cats_overhead import METHODS, interleaved
 
 PEERS = ["pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro"]
@@ -25,6 +28,8 @@ PEERS = ["pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop",
 HIRES = ["de", "fr", "es", "ru", "zh", "ja", "vi", "tr"]
 LORES = ["sw", "tl", "hi", "id", "ko", "fa", "ar", "pl"]
 K_VALUES = (2, 4, 8, 16)
+QUICK_K_VALUES = (2, 4)
+HIRES_PAIRS, LORES_PAIRS = 6000, 400  # the demo preset's
 K_METHODS = ("scalar", "cats", "pcgrad")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "cost_vs_k.png"
 
@@ -37,7 +42,8 @@ def method_options(name: str) -> list[str]:
 def peer_rows(quick: bool) -> list[dict]:
     names = ["scalar", "cats", *PEERS]
     timings = interleaved("demo", {name: method_options(name) for name in names},
-                          updates=3 if quick else 30, warmup=1 if quick else 3, threads=2, extra=[])
+                          updates=2 if quick else 30, warmup=1 if quick else 3, threads=2,
+                          extra=tiny.OVERRIDES if quick else [])
     return [{
         "method": name,
         "s_per_update": timings.median(name),
@@ -47,26 +53,30 @@ def peer_rows(quick: bool) -> list[dict]:
     } for name in names]
 
 
-def languages_override(k: int) -> str:
+def languages_override(k: int, hires_pairs: int, lores_pairs: int) -> str:
     half = k // 2
-    sizes = [f"{lang}: 6000" for lang in HIRES[:half]] + [f"{lang}: 400" for lang in LORES[:half]]
+    sizes = [f"{lang}: {hires_pairs}" for lang in HIRES[:half]] + [f"{lang}: {lores_pairs}" for lang in LORES[:half]]
     return "data.languages={" + ", ".join(sizes) + "}"
 
 
 def k_rows(quick: bool) -> list[dict]:
     # One interleaved run over every (K, method): all K are timed round by round under the same
     # load, so the growth with K is not a drift of the machine's load between K values.
+    # Quick: the synthetic source at toy sizes (tiny.SETTINGS leaves the languages to us).
+    k_values = QUICK_K_VALUES if quick else K_VALUES
+    pairs = (tiny.HIRES_PAIRS, tiny.LORES_PAIRS) if quick else (HIRES_PAIRS, LORES_PAIRS)
     label = lambda k, method: f"K={k} {method}"  # noqa: E731
-    methods = {label(k, m): [*method_options(m), languages_override(k)] for k in K_VALUES for m in K_METHODS}
-    timings = interleaved("demo", methods, updates=2 if quick else 20, warmup=1 if quick else 3, threads=2, extra=[])
+    methods = {label(k, m): [*method_options(m), languages_override(k, *pairs)] for k in k_values for m in K_METHODS}
+    timings = interleaved("demo", methods, updates=2 if quick else 20, warmup=1 if quick else 3, threads=2,
+                          extra=tiny.SETTINGS if quick else [])
     rows = [{
         "K": k,
         "method": m,
         "s_per_update": timings.median(label(k, m)),
         "vs_scalar_same_K": timings.ratio(label(k, m), label(k, "scalar")),
-        "vs_same_method_K2": timings.ratio(label(k, m), label(K_VALUES[0], m)),
+        "vs_same_method_K2": timings.ratio(label(k, m), label(k_values[0], m)),
         "backward_passes": timings.mean_passes(label(k, m)),
-    } for m in K_METHODS for k in K_VALUES]
+    } for m in K_METHODS for k in k_values]
     if not quick:
         plot_cost_vs_k(rows, FIGURE)
     return rows

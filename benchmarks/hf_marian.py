@@ -14,6 +14,8 @@ each residual, no final encoder/decoder norm) and ``MarianConfig`` has no pre-no
 ours is pre-norm, so no weight copy makes the two compute the same function. The decoding rows
 report each model's decoder steps per sentence instead, so one can see both did the same amount of work.
 
+``--quick`` checks the harness only: ``tiny.py``'s toy model on synthetic data.
+
     python benchmarks/hf_marian.py [--quick]
 """
 
@@ -27,16 +29,19 @@ import time
 
 import torch
 
+import tiny
+
 PRESET = "demo"
 
 
 @functools.cache
-def demo_data():
-    """The demo preset's config and prepared data (a cache hit after ``polycats prepare``)."""
+def demo_data(overrides: tuple[str, ...] = ()):
+    """The demo preset's config, with ``--set`` overrides, and its prepared data (a cache hit after
+    ``polycats prepare``)."""
     from polycats.config import load_config, preset_path
     from polycats.data.prepare import prepare
 
-    config = load_config(preset_path(PRESET))
+    config = load_config(preset_path(PRESET), list(overrides))
     return config, prepare(config.data)
 
 
@@ -96,16 +101,18 @@ def ratio(seconds: dict[str, list[float]]) -> float:
 
 
 def throughput_rows(quick: bool) -> list[dict]:
-    return training_rows(updates=2, warmup=1) if quick else training_rows(updates=30, warmup=3)
+    if quick:
+        return training_rows(updates=2, warmup=1, overrides=tuple(tiny.OVERRIDES))
+    return training_rows(updates=30, warmup=3)
 
 
-def training_rows(updates: int, warmup: int) -> list[dict]:
+def training_rows(updates: int, warmup: int, overrides: tuple[str, ...] = ()) -> list[dict]:
     from polycats.data.batching import BatchStream, sampling_probabilities
     from polycats.data.prepare import PAD
     from polycats.model.transformer import token_losses
 
     threads = use_all_cores()
-    config, data = demo_data()
+    config, data = demo_data(overrides)
     t = config.train
     train = data.split("train")
     probabilities = sampling_probabilities({task: len(train[task]) for task in data.tasks}, config.sampling.temperature)
@@ -165,16 +172,17 @@ def source_batches(data, sentences: int, batch_size: int) -> list[torch.Tensor]:
 
 def beam_rows(quick: bool) -> list[dict]:
     if quick:
-        return decoding_rows(sentences=10, max_len=12, repeats=1, batch_size=10)
+        return decoding_rows(sentences=10, max_len=12, repeats=1, batch_size=10, overrides=tuple(tiny.OVERRIDES))
     return decoding_rows(sentences=200, max_len=48, repeats=3, batch_size=demo_data()[0].eval.batch_size)
 
 
-def decoding_rows(sentences: int, max_len: int, repeats: int, batch_size: int) -> list[dict]:
+def decoding_rows(sentences: int, max_len: int, repeats: int, batch_size: int,
+                  overrides: tuple[str, ...] = ()) -> list[dict]:
     from polycats.data.prepare import BOS, EOS, PAD
     from polycats.evaluate.beam import search
 
     threads = use_all_cores()
-    config, data = demo_data()
+    config, data = demo_data(overrides)
     ours, marian = models(config, data.vocab_size)
     marian.eval()  # generate() leaves the mode alone; our search sets eval itself
     batches = source_batches(data, sentences, batch_size)

@@ -27,7 +27,7 @@ def languages(quick: bool) -> dict[str, int]:
     from polycats.data.corpus import BIBLE_TRANSLATIONS
 
     if quick:
-        return {"de": 1000, "sw": 500}
+        return {"de": 300, "sw": 100}
     return {lang: 10000 for lang in BIBLE_TRANSLATIONS if lang != "en"}
 
 
@@ -35,7 +35,7 @@ def overrides(quick: bool) -> list[str]:
     pairs = ", ".join(f"{lang}: {count}" for lang, count in languages(quick).items())
     sets = [f"data.languages={{{pairs}}}"]
     if quick:
-        sets += ["data.vocab_size=1000", "data.tokenizer_sentences=5000", "data.valid_per_lang=50", "data.test_per_lang=50"]
+        sets += ["data.vocab_size=300", "data.tokenizer_sentences=2000", "data.valid_per_lang=20", "data.test_per_lang=20"]
     return sets
 
 

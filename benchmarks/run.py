@@ -25,10 +25,12 @@ import cats_overhead  # noqa: E402
 import eigen_vs_pyhessian  # noqa: E402
 import hf_marian  # noqa: E402
 import prepare_all  # noqa: E402
+import tiny  # noqa: E402
 
 BENCHMARKS = {
     "cats_overhead": ("CATS overhead vs the scalar balancer (demo preset)",
-                      lambda quick: cats_overhead.run("demo", updates=5 if quick else 30, warmup=1 if quick else 3)),
+                      lambda quick: cats_overhead.run("demo", updates=2, warmup=1, extra=tiny.OVERRIDES) if quick
+                      else cats_overhead.run("demo", updates=30, warmup=3)),
     "eigen_vs_pyhessian": ("Top Hessian eigenvalue vs PyHessian: time to 1% relative error",
                            lambda quick: eigen_vs_pyhessian.run(d_model=16, vocab=512, repeats=1) if quick
                            else eigen_vs_pyhessian.run(d_model=64)),
