@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from polycats.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -46,10 +48,15 @@ BENCHMARKS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (checks the harness, numbers are noise)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, see tiny.py (checks the harness, numbers are noise)")
     parser.add_argument("--only", default=",".join(BENCHMARKS))
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "performance.md"))
     args = parser.parse_args()
+    names = args.only.split(",")
+    # Before anything runs: a typo in the last name must not cost the benchmarks before it.
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     sections = [
         "# Performance",
         "",
@@ -57,12 +64,12 @@ def main() -> None:
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         "",
     ]
-    for name in args.only.split(","):
+    for name in names:
         title, run = BENCHMARKS[name]
         rows = run(args.quick)
         print_rows(title, rows)
         sections += [f"## {title}", "", markdown(rows), ""]
-    Path(args.out).write_text("\n".join(sections))
+    atomic_write_text(args.out, "\n".join(sections))
     print(f"written: {args.out}")
 
 

@@ -1,0 +1,58 @@
+"""The benchmark harness (`make bench`): every registered benchmark runs at its tiny size and
+gives a well-formed table; `benchmarks/run.py` writes the Markdown report. Timings are not
+asserted (they belong to `make bench` on a quiet machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", BENCHMARKS_DIR / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path for its siblings
+    return module
+
+
+runner = load_runner()
+
+
+@pytest.mark.parametrize("name", list(runner.BENCHMARKS))
+def test_each_benchmark_gives_a_well_formed_table_at_tiny_size(name):
+    title, run = runner.BENCHMARKS[name]
+    rows = run(True)
+    assert title and rows, name
+    columns = list(rows[0])
+    for row in rows:
+        assert list(row) == columns, (name, row)
+        for column, value in row.items():
+            assert isinstance(value, (str, int, float)), (name, column, value)
+            if isinstance(value, float):
+                assert math.isfinite(value) and value >= 0, (name, column, value)
+    table = runner.markdown(rows).splitlines()
+    assert len(table) == len(rows) + 2 and all(line.count("|") == len(columns) + 1 for line in table)
+
+
+def test_run_writes_the_report_for_the_chosen_benchmarks(tmp_path, monkeypatch, capsys):
+    name = "hvp"
+    out = tmp_path / "performance.md"
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--only", name, "--out", str(out)])
+    runner.main()
+    text = out.read_text()
+    assert text.startswith("# Performance") and "--quick" in text
+    assert f"## {runner.BENCHMARKS[name][0]}" in text and "|---|" in text
+    assert f"written: {out}" in capsys.readouterr().out
+
+
+def test_an_unknown_benchmark_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run.py", "--only", "nope", "--out", str(tmp_path / "p.md")])
+    with pytest.raises(SystemExit, match="nope"):
+        runner.main()
+    assert not (tmp_path / "p.md").exists()
