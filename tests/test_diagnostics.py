@@ -242,7 +242,7 @@ def test_top_only_lanczos_matches_exact_hessian_on_mlp(negate):
     model, closure = mlp_problem(0, negate)
     eigenvalues = torch.linalg.eigvalsh(exact_hessian(model, closure))
     top, bottom = float(eigenvalues[-1]), float(eigenvalues[0])
-    result = lanczos(hessian_operator(model, closure), ends="top")
+    result = lanczos(hessian_operator(model, closure), ends="top", tol=1e-10)
     assert result.converged and result.settings["which"] == ("LM+LA" if negate else "LM")
     assert_close(result.largest_algebraic, top)
     assert_close(result.largest_magnitude, bottom if negate else top)
@@ -252,6 +252,8 @@ def test_top_only_lanczos_matches_exact_hessian_on_mlp(negate):
         assert result.smallest_algebraic is None
     with pytest.raises(ValueError):
         lanczos(hessian_operator(model, closure), ends="bottom")
+    with pytest.raises(ValueError, match="ncv"):
+        lanczos(hessian_operator(model, closure), ends="top", ncv=10)
 
 
 class DiagonalOperator:
@@ -263,6 +265,56 @@ class DiagonalOperator:
 
     def matvec(self, v):
         return self.diagonal * v
+
+
+class MatrixOperator(DiagonalOperator):
+    def __init__(self, matrix):
+        super().__init__(torch.diagonal(matrix))
+        self.matrix = matrix
+
+    def matvec(self, v):
+        return self.matrix @ v
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_top_only_lanczos_stops_early_on_a_separated_spectrum(sign):
+    """A dominant eigenvalue +-10 over a bulk in [0, 1] (and, when it is negative, lambda_max = 2
+    above the bulk): the residual bound is checked after every product, so a handful suffice."""
+    bulk = torch.linspace(0, 1, 1000, dtype=torch.float64)
+    op = DiagonalOperator(torch.cat([bulk, torch.tensor([10.0 * sign, 2.0], dtype=torch.float64)]))
+    # measured: 4, 5, 8 products (positive); 8, 10, 16 (negative: lambda_max = 2 is closer to the bulk)
+    limits = (6, 7, 10) if sign > 0 else (10, 12, 18)
+    for tol, most in zip((1e-2, 1e-4, 1e-8), limits):
+        result = lanczos(op, tol=tol, ends="top")
+        assert result.converged and result.matvecs <= most, (tol, result.matvecs)
+        assert_close(result.largest_magnitude, 10.0 * sign, rtol=tol)
+        assert_close(result.largest_algebraic, 2.0 if sign < 0 else 10.0, rtol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 60), seed=st.integers(0, 2**32 - 1), tol=st.sampled_from([1e-1, 1e-2, 1e-4, 1e-8]))
+def test_top_only_lanczos_honours_its_residual_bound(size, seed, tol):
+    """Random symmetric matrices: each returned value is within ``tol |theta|`` of an eigenvalue
+    (the stopping rule's guarantee). On a spectrum with a dominant eigenvalue of random sign and a
+    gap below the other end (``tol <= 1e-2``), it is the extreme one to ``tol`` relative."""
+    generator = np.random.default_rng(seed)
+    a = generator.standard_normal((size, size))
+    matrix = torch.tensor(a + a.T)
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    result = lanczos(MatrixOperator(matrix), tol=tol, ends="top", seed=seed % 1000)
+    assert result.converged
+    for theta in (result.largest_magnitude, result.largest_algebraic):
+        assert float((eigenvalues - theta).abs().min()) <= tol * abs(theta) + 1e-12
+
+    sign = float(generator.choice([-1.0, 1.0]))
+    values = np.concatenate([[sign * generator.uniform(2, 4), -sign * generator.uniform(1, 1.5)],
+                             generator.uniform(-0.5, 0.5, size)])
+    basis, _ = np.linalg.qr(generator.standard_normal((size + 2, size + 2)))
+    result = lanczos(MatrixOperator(torch.tensor(basis @ np.diag(values) @ basis.T)), tol=min(tol, 1e-2),
+                     ends="top", seed=seed % 1000)
+    assert result.converged
+    assert_close(result.largest_magnitude, values[0], rtol=min(tol, 1e-2))
+    assert_close(result.largest_algebraic, values.max(), rtol=min(tol, 1e-2))
 
 
 def test_power_iteration_is_not_fooled_by_a_flat_bulk():
@@ -302,7 +354,7 @@ def test_eigenvalues_match_exact_hessian_on_transformer(transformer_case):
         assert_close(result.largest_magnitude, magnitude)
         assert_close(result.smallest_algebraic, bottom)
     top_only = top_eigenvalue(model, closure, method="lanczos", ends="top", tol=1e-10)
-    assert top_only.converged
+    assert top_only.converged and top_only.matvecs < by_lanczos.matvecs
     assert_close(top_only.largest_algebraic, top)
     assert_close(top_only.largest_magnitude, magnitude)
     assert by_lanczos.settings["parameters"] == eigenvalues.numel() == 1696

@@ -11,7 +11,8 @@ Operators are separate from algorithms (as in hessian-eigenthings):
   CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``) has neither a double
   backward nor a forward-mode derivative, and both operators fail without it.
 * algorithms take an operator: :func:`power_iteration`, :func:`lanczos` (ARPACK through
-  ``scipy.sparse.linalg.eigsh``), :func:`hutchinson_trace`. Vectors live in float64 on the
+  ``scipy.sparse.linalg.eigsh`` for both ends, plain Lanczos for the top one),
+  :func:`hutchinson_trace`. Vectors live in float64 on the
   algorithm side and are cast to the operator's dtype only for the product.
 
 Eigenvalue labels (the Hessian is indefinite; early in training its spectrum can be dominated by
@@ -25,8 +26,8 @@ Power iteration converges to the largest-magnitude eigenvalue ``mu``. If ``mu >=
 the largest algebraic one. If ``mu < 0`` (so ``mu = lambda_min``) we run power iteration again on
 ``H - mu I``, whose spectrum lies in ``[0, lambda_max - mu]``, and add ``mu`` back. Lanczos asks
 ARPACK for one eigenvalue at each end (``which="BE"``) and reads all three labels off them, or,
-with ``ends="top"``, for the largest-magnitude one (``which="LM"``) and, only when it is negative,
-for ``lambda_max`` in a second run (``which="LA"``), the same labels as power iteration.
+with ``ends="top"``, runs plain Lanczos until the largest-magnitude Ritz value has converged and,
+only when it is negative, ``lambda_max`` too (same Krylov space), the same labels as power iteration.
 
 HVP timings, seconds per product (torch 2.13 CPU, eval mode; our Transformer with 3+3 layers,
 4 heads, ``ffn_dim = 4 d_model``, vocab 8000, batch 16 x 32 source and 16 x 32 target tokens;
@@ -438,10 +439,60 @@ def power_iteration(
     )
 
 
-#: Lanczos basis size for ``ends="top"``: the first factorisation costs ``ncv`` products, and on
-#: the benchmark Transformer (d_model 32, trained 20 steps) ``ncv=10`` reached 1e-5 relative in 11
-#: products where ARPACK's default (20) needed 21; 4-8 saved at most one product and restarted more.
-TOP_NCV = 10
+#: Most Lanczos steps (products) of one ``ends="top"`` run when ``max_iter`` is None. The basis
+#: is kept for full reorthogonalisation: ``k`` float64 vectors of ``P`` entries after ``k`` steps.
+TOP_MAX_ITER = 100
+#: ``lambda_max`` is resolved relative to at least this fraction of ``|mu|`` (``sqrt(eps)``).
+_FLOOR = math.sqrt(np.finfo(np.float64).eps)
+
+
+def _top_lanczos(op: HessianOperator, v: Tensor, tol: float, max_iter: int) -> tuple[float, float, int, bool]:
+    """Plain Lanczos with full reorthogonalisation from unit ``v``, stopping as early as ``tol`` allows.
+
+    After step ``k`` (``k`` products) the tridiagonal ``T_k`` has Ritz pairs ``(theta_i, s_i)``
+    (``scipy.linalg.eigh_tridiagonal``); the Ritz vector ``y_i = Q_k s_i`` has residual
+    ``|H y_i - theta_i y_i| = |beta_k s_i[k]|``, so some eigenvalue of H lies within that of
+    ``theta_i``. It stops at the first ``k`` where the largest-magnitude Ritz value ``mu`` has
+    ``|beta_k s[k]| <= tol * |mu|`` and, when ``mu < 0``, the largest Ritz value ``theta_max``
+    (another Ritz value than ``mu``) meets the same bound, with ``|theta_max|`` floored at
+    ``sqrt(eps) |mu|`` (a ``lambda_max`` of 0 has no relative accuracy); or when the Krylov space is exhausted
+    (``beta_k = 0`` or ``k = P``: the Ritz values are then eigenvalues).
+
+    Returns ``(mu, theta_max, products, converged)``; ``converged`` is False when ``max_iter``
+    steps did not meet the bound (the last Ritz values are returned).
+    """
+    from scipy.linalg import eigh_tridiagonal
+
+    steps = min(max_iter, op.size)
+    basis = torch.empty(min(steps, 16), op.size, dtype=torch.float64)
+    alphas: list[float] = []
+    betas: list[float] = []
+    mu = largest = 0.0
+    for k in range(steps):
+        if k == basis.shape[0]:  # grow the basis storage (rows are kept)
+            basis.resize_(min(2 * k, steps), op.size)
+        basis[k] = v
+        w = _apply(op, v)
+        alphas.append(float(v @ w))
+        # Full reorthogonalisation against every basis vector (twice: "twice is enough"); it
+        # subsumes the three-term recurrence.
+        for _ in range(2):
+            w -= basis[: k + 1].T @ (basis[: k + 1] @ w)
+        beta = float(w.norm())
+        thetas, vectors = eigh_tridiagonal(np.asarray(alphas), np.asarray(betas))
+        bounds = beta * np.abs(vectors[-1])
+        top = int(np.argmax(thetas))
+        dominant = int(np.argmax(np.abs(thetas)))
+        mu, largest = float(thetas[dominant]), float(thetas[top])
+        exhausted = beta <= np.finfo(np.float64).eps * max(abs(mu), 1e-300) or k + 1 == op.size
+        converged = bounds[dominant] <= tol * abs(mu) and (
+            mu >= 0 or (top != dominant and bounds[top] <= tol * max(abs(largest), _FLOOR * abs(mu)))
+        )
+        if converged or exhausted:
+            return mu, largest, k + 1, True
+        betas.append(beta)
+        v = w / beta
+    return mu, largest, steps, False
 
 
 def lanczos(
@@ -453,26 +504,50 @@ def lanczos(
     seed: int = 0,
     ends: str = "both",
 ) -> ExtremeEigenvalues:
-    """Implicitly restarted Lanczos (ARPACK, ``scipy.sparse.linalg.eigsh``).
+    """Lanczos for the ends of the spectrum.
 
-    ends: ``"both"``: one eigenvalue from each end (``which="BE"``, ``k=2``), so all three labels
-          are known. ``"top"``: the largest-magnitude eigenvalue ``mu`` (``which="LM"``, ``k=1``)
-          and, only when ``mu < 0``, ``lambda_max`` from a second run (``which="LA"``); as with
-          :func:`power_iteration`, ``smallest_algebraic`` is then ``mu``, else None. ``"top"`` is
-          much cheaper: ARPACK's tolerance is relative to each eigenvalue, so ``"both"`` must also
-          resolve ``lambda_min`` to ``tol`` relative, and when ``lambda_min`` sits at the edge of
-          the near-zero bulk that takes most of the products (benchmark Transformer, d_model 32,
-          trained 20 steps: 263 products for both ends at tol 1e-8; 21 for the top one at tol
-          1e-3 with ARPACK's default ``ncv``, already within 1e-15 of that value).
-    tol: ARPACK's relative accuracy of the Ritz values; max_iter: restarts (``maxiter``);
-    ncv: Lanczos basis size (ARPACK's default ``min(P, 20)`` for ``"both"``, :data:`TOP_NCV` for
-    ``"top"``); seed: the start vectors.
+    ends: ``"both"``: implicitly restarted Lanczos (ARPACK, ``scipy.sparse.linalg.eigsh``), one
+          eigenvalue from each end (``which="BE"``, ``k=2``), so all three labels are known.
+          ``"top"``: plain Lanczos with full reorthogonalisation (:func:`_top_lanczos`) that
+          checks its Ritz values after every product and stops once the largest-magnitude one
+          ``mu`` has converged and, only when ``mu < 0``, the largest one (``lambda_max``) too, in
+          the same Krylov space; as with :func:`power_iteration`, ``smallest_algebraic`` is then
+          ``mu``, else None. ``"top"`` is much cheaper: ``"both"`` must also resolve
+          ``lambda_min`` to ``tol`` relative, and when ``lambda_min`` sits at the edge of the
+          near-zero bulk that takes most of the products (benchmark Transformer, d_model 32,
+          trained 20 steps: 263 products for both ends at tol 1e-8), and ARPACK cannot stop
+          before it has filled its basis of ``ncv`` vectors.
+    tol: relative accuracy. ``"both"``: ARPACK's (relative to each eigenvalue). ``"top"``: the
+         residual bound ``|H y - theta y| <= tol |theta|`` of each Ritz value it returns, so an
+         eigenvalue of H lies within ``tol |theta|`` (conservative: the error is usually about
+         ``residual^2 / gap``).
+    max_iter: ``"both"``: ARPACK's restarts (``maxiter``); ``"top"``: products per run (default
+              :data:`TOP_MAX_ITER`; the basis holds one float64 vector of P per product).
+    ncv: ARPACK's basis size (``"both"`` only; default ``min(P, 20)``).
+    seed: the start vector.
     A float32 operator limits the attainable accuracy to about 1e-6 relative.
     """
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     if ends not in ("both", "top"):
         raise ValueError(f"ends must be 'both' or 'top', not {ends!r}")
+    generator = torch.Generator().manual_seed(seed)
+    if ends == "top":
+        if ncv is not None:
+            raise ValueError('ncv is an ARPACK setting: ends="top" runs plain Lanczos (use max_iter)')
+        limit = TOP_MAX_ITER if max_iter is None else max_iter
+        magnitude, largest, matvecs, converged = _top_lanczos(op, _random_unit(op.size, generator), tol, limit)
+        return ExtremeEigenvalues(
+            largest_algebraic=largest if magnitude < 0 else magnitude,
+            largest_magnitude=magnitude,
+            smallest_algebraic=magnitude if magnitude < 0 else None,
+            method="lanczos",
+            matvecs=matvecs,
+            converged=converged,
+            settings={"tol": tol, "max_iter": limit, "seed": seed, "ends": ends,
+                      "which": "LM+LA" if magnitude < 0 else "LM"},
+        )
+
     matvecs = 0
 
     def matvec(x: np.ndarray) -> np.ndarray:
@@ -480,46 +555,30 @@ def lanczos(
         matvecs += 1
         return _apply(op, torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))).numpy()
 
-    generator = torch.Generator().manual_seed(seed)
-    operator = LinearOperator((op.size, op.size), matvec=matvec, dtype=np.float64)
-    basis = ncv if ncv is not None or ends == "both" else min(TOP_NCV, op.size)
-
-    def arpack(which: str, k: int) -> tuple[list[float], bool]:
+    settings: dict[str, object] = {"tol": tol, "max_iter": max_iter, "ncv": ncv, "seed": seed, "ends": ends}
+    if op.size < 3:  # ARPACK needs k < P; a 1x1 or 2x2 Hessian is cheaper to write down
+        values = torch.linalg.eigvalsh(dense_matrix(op)).tolist()
+        converged, settings["which"], matvecs = True, "dense", op.size
+    else:
+        operator = LinearOperator((op.size, op.size), matvec=matvec, dtype=np.float64)
         v0 = _random_unit(op.size, generator).numpy()
+        settings["which"] = "BE"
         try:
-            values = eigsh(operator, k=k, which=which, tol=tol, maxiter=max_iter, ncv=basis, v0=v0,
-                           return_eigenvectors=False)
-            return values.tolist(), True
+            values = eigsh(operator, k=2, which="BE", tol=tol, maxiter=max_iter, ncv=ncv, v0=v0,
+                           return_eigenvectors=False).tolist()
+            converged = True
         except ArpackNoConvergence as error:
             if not len(error.eigenvalues):
                 raise
-            return list(error.eigenvalues), False
-
-    settings: dict[str, object] = {"tol": tol, "max_iter": max_iter, "ncv": basis, "seed": seed, "ends": ends}
-    if op.size < 3:  # ARPACK needs k < P; a 1x1 or 2x2 Hessian is cheaper to write down
-        values = torch.linalg.eigvalsh(dense_matrix(op)).tolist()
-        largest, smallest = max(values), min(values)
-        magnitude = largest if abs(largest) >= abs(smallest) else smallest
-        converged, settings["which"] = True, "dense"
-    elif ends == "both":
-        values, converged = arpack("BE", 2)
-        largest, smallest = max(values), min(values)
-        magnitude = largest if abs(largest) >= abs(smallest) else smallest
-        settings["which"] = "BE"
-    else:
-        (magnitude,), converged = arpack("LM", 1)
-        largest, smallest = magnitude, None
-        settings["which"] = "LM"
-        if magnitude < 0:
-            (largest,), other_converged = arpack("LA", 1)
-            smallest, converged = magnitude, converged and other_converged
-            settings["which"] = "LM+LA"
+            values, converged = list(error.eigenvalues), False
+    largest, smallest = max(values), min(values)
+    magnitude = largest if abs(largest) >= abs(smallest) else smallest
     return ExtremeEigenvalues(
         largest_algebraic=float(largest),
         largest_magnitude=float(magnitude),
-        smallest_algebraic=None if smallest is None else float(smallest),
+        smallest_algebraic=float(smallest),
         method="lanczos",
-        matvecs=matvecs if op.size >= 3 else op.size,
+        matvecs=matvecs,
         converged=converged,
         settings=settings,
     )
