@@ -42,7 +42,7 @@ def method_options(name: str) -> list[str]:
 def peer_rows(quick: bool) -> list[dict]:
     names = ["scalar", "cats", *PEERS]
     timings = interleaved("demo", {name: method_options(name) for name in names},
-                          updates=2 if quick else 30, warmup=1 if quick else 3, threads=2,
+                          updates=2 if quick else 30, warmup=1 if quick else 3, threads=tiny.THREADS if quick else 2,
                           extra=tiny.OVERRIDES if quick else [])
     return [{
         "method": name,
@@ -67,8 +67,8 @@ def k_rows(quick: bool) -> list[dict]:
     pairs = (tiny.HIRES_PAIRS, tiny.LORES_PAIRS) if quick else (HIRES_PAIRS, LORES_PAIRS)
     label = lambda k, method: f"K={k} {method}"  # noqa: E731
     methods = {label(k, m): [*method_options(m), languages_override(k, *pairs)] for k in k_values for m in K_METHODS}
-    timings = interleaved("demo", methods, updates=2 if quick else 20, warmup=1 if quick else 3, threads=2,
-                          extra=tiny.SETTINGS if quick else [])
+    timings = interleaved("demo", methods, updates=2 if quick else 20, warmup=1 if quick else 3,
+                          threads=tiny.THREADS if quick else 2, extra=tiny.SETTINGS if quick else [])
     rows = [{
         "K": k,
         "method": m,

@@ -31,7 +31,8 @@ import tiny  # noqa: E402
 
 BENCHMARKS = {
     "cats_overhead": ("CATS overhead vs the scalar balancer (demo preset)",
-                      lambda quick: cats_overhead.run("demo", updates=2, warmup=1, extra=tiny.OVERRIDES) if quick
+                      lambda quick: cats_overhead.run("demo", updates=2, warmup=1, threads=tiny.THREADS,
+                                                        extra=tiny.OVERRIDES) if quick
                       else cats_overhead.run("demo", updates=30, warmup=3)),
     "eigen_vs_pyhessian": ("Top Hessian eigenvalue vs PyHessian: time to 1% relative error",
                            lambda quick: eigen_vs_pyhessian.run(d_model=16, vocab=512, repeats=1) if quick

@@ -19,6 +19,9 @@ SETTINGS = [
     "model={d_model: 16, encoder_layers: 1, decoder_layers: 1, heads: 2, ffn_dim: 32, dropout: 0.1}",
     "train.max_tokens=256",
 ]
+# One torch thread: a d_model 16 model gains nothing from two, and two threads on a busy 2-core
+# machine spin-wait on each other (the peer benchmark measured 10-20x slower with two).
+THREADS = 1
 HIRES_PAIRS, LORES_PAIRS = 200, 40
 # The demo preset's four languages and its HiRes/LoRes split, at toy sizes.
 OVERRIDES = [*SETTINGS, f"data.languages={{de: {HIRES_PAIRS}, fr: {HIRES_PAIRS}, sw: {LORES_PAIRS}, tl: {LORES_PAIRS}}}"]
