@@ -1,7 +1,7 @@
 """Seconds per update of every balancer, and how it grows with the number of languages K.
 
 * ``peer_rows``: all balancers on the demo preset (K = 4), as ratios against scalar and CATS.
-* ``k_rows``: scalar, CATS and PCGrad for K = 2, 4, 8, 16 languages from the Bible with the demo
+* ``k_rows``: scalar, CATS (α every step, and every 10 steps) and PCGrad for K = 2, 4, 8, 16 languages from the Bible with the demo
   preset's model and batch (2,048 target tokens), so only K changes; half the languages HiRes
   (6,000 pairs), half LoRes (400), like the demo (K = 4 *is* the demo's data).
 
@@ -30,7 +30,7 @@ LORES = ["sw", "tl", "hi", "id", "ko", "fa", "ar", "pl"]
 K_VALUES = (2, 4, 8, 16)
 QUICK_K_VALUES = (2, 4)
 HIRES_PAIRS, LORES_PAIRS = 6000, 400  # the demo preset's
-K_METHODS = ("scalar", "cats", "pcgrad")
+K_METHODS = ("scalar", "cats", "cats/10", "pcgrad")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "cost_vs_k.png"
 
 
@@ -40,7 +40,7 @@ def method_options(name: str) -> list[str]:
 
 
 def peer_rows(quick: bool) -> list[dict]:
-    names = ["scalar", "cats", *PEERS]
+    names = [*METHODS, *PEERS]
     timings = interleaved("demo", {name: method_options(name) for name in names},
                           updates=2 if quick else 30, warmup=1 if quick else 3, threads=tiny.THREADS if quick else 2,
                           extra=tiny.OVERRIDES if quick else [])

@@ -4,7 +4,8 @@ Time: all trainers live in one process and take turns on the same batches (scala
 step, next batch...), and the ratio is the median of the per-batch ratios — robust to other load
 on the machine, which slows both alike. Peak RSS: each method alone in its own process. CATS pays
 for its per-task forward/backward passes and the Gram matrix from the first update;
-``warmup_steps=0`` makes it also pay for the α update every step.
+``warmup_steps=0`` makes it also pay for the α update every step; ``cats/10`` updates α every
+10 steps and runs per-task passes on those steps only.
 
 The machinery takes any set of methods (name → ``--set`` overrides); ``balancer_cost.py`` uses it
 for the peers and for the growth with the number of languages.
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 METHODS = {
     "scalar": [],
     "cats": ["balancer.name=cats", "balancer.warmup_steps=0"],
+    # α every 10 steps: per-task passes on those steps only (docs/cats.md, update_every).
+    "cats/10": ["balancer.name=cats", "balancer.warmup_steps=0", "balancer.update_every=10"],
 }
 
 
@@ -106,11 +109,12 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
                 present = len(batch.task.unique())
                 for method in members:
                     trainer = trainers[method]
+                    passes = present if trainer.wants_task_gradients() else 1
                     started = time.perf_counter()
                     trainer.train_step(batch)
                     if step >= warmup:
                         timings.seconds[method].append(time.perf_counter() - started)
-                        timings.passes[method].append(present if trainer.balancer.needs_task_gradients else 1)
+                        timings.passes[method].append(passes)
     return timings
 
 

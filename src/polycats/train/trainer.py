@@ -364,6 +364,12 @@ class Trainer:
         self.model.eval()
         return per_task_gradients(self.params, [first.get(i) and closure(first[i]) for i in range(len(self.tasks))])
 
+    def wants_task_gradients(self) -> bool:
+        """Whether the next step runs per-task backward passes (CATS with update_every > 1: only
+        on its α-update steps)."""
+        now = getattr(self.balancer, "task_gradients_now", None)
+        return now() if now is not None else self.balancer.needs_task_gradients
+
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
@@ -374,8 +380,7 @@ class Trainer:
         smoothing = self.config.train.label_smoothing
         total_tokens = batch.target_tokens
         step_totals = TaskTotals(len(self.tasks))
-        task_gradients_now = getattr(self.balancer, "task_gradients_now", None)  # cats: only on α-update steps
-        if task_gradients_now() if task_gradients_now is not None else self.balancer.needs_task_gradients:
+        if self.wants_task_gradients():
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
                     loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
