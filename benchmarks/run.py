@@ -70,6 +70,7 @@ def main() -> None:
         rows = run(args.quick)
         print_rows(title, rows)
         sections += [f"## {title}", "", markdown(rows), ""]
+    sections.append((HERE / "optimisations.md").read_text(encoding="utf-8"))  # kept by hand, with each optimisation
     atomic_write_text(args.out, "\n".join(sections))
     print(f"written: {args.out}")
 
