@@ -24,6 +24,18 @@ def load_runner():
 runner = load_runner()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Benchmarks set torch's thread count for the whole process: each test starts from one
+    thread (quick sizes gain nothing from more on a shared machine) and leaves it as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", list(runner.BENCHMARKS))
 def test_each_benchmark_gives_a_well_formed_table_at_tiny_size(name):
     title, run = runner.BENCHMARKS[name]
