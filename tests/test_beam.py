@@ -13,11 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polycats.evaluate import beam as beam_module
-from polycats.evaluate.beam import beam_search, greedy_search, max_lengths, search
+from polycats.evaluate.beam import max_lengths, search
 from polycats.model.transformer import Transformer, TransformerShape
 
 PAD, BOS, EOS = 0, 1, 2
 IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+
+def beam_search(model, src, **options) -> list[list[int]]:
+    """Token ids of the best hypothesis per row."""
+    return [hyp.tokens for hyp in search(model, src, **options)]
+
+
+def greedy_search(model, src, **options) -> list[list[int]]:
+    return beam_search(model, src, beam=1, **options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,8 +54,6 @@ __all__ = [
     "DecoderCacheLike",
     "Hypothesis",
     "Seq2SeqDecoder",
-    "beam_search",
-    "greedy_search",
     "max_lengths",
     "search",
 ]
@@ -144,45 +142,6 @@ def search(
             tokens, lengths, scores = _beam(model, src, limits, ids, beam, lenpen)
     tokens, lengths, scores = tokens.cpu(), lengths.tolist(), scores.tolist()
     return [Hypothesis(tokens[i, : lengths[i]].tolist(), scores[i]) for i in range(len(lengths))]
-
-
-def beam_search(
-    model: Seq2SeqDecoder,
-    src: Tensor,
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    beam: int = 5,
-    lenpen: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    max_len_cap: int | None = None,
-) -> list[list[int]]:
-    """Token ids (no bos/eos/pad) of the best hypothesis per source row; see :func:`search`."""
-    hyps = search(
-        model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, beam=beam, lenpen=lenpen,
-        max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap,
-    )
-    return [h.tokens for h in hyps]
-
-
-def greedy_search(
-    model: Seq2SeqDecoder,
-    src: Tensor,
-    *,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    max_len_cap: int | None = None,
-) -> list[list[int]]:
-    """Argmax decoding (``beam_search`` with ``beam=1``)."""
-    return beam_search(
-        model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, beam=1,
-        max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap,
-    )
 
 
 # --------------------------------------------------------------------------------------------

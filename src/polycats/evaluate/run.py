@@ -13,7 +13,7 @@ from polycats.data.batching import collate
 from polycats.data.corpus import normalise
 from polycats.data.prepare import BOS, EOS, PAD, PreparedData
 from polycats.errors import PolycatsError
-from polycats.evaluate.beam import beam_search
+from polycats.evaluate.beam import search
 from polycats.evaluate.scoring import build_eval_report, score_directions
 from polycats.io import atomic_write_json, atomic_write_text
 from polycats.model.transformer import Transformer
@@ -29,10 +29,10 @@ def translate_ids(model: Transformer, sources: list, config: Config) -> list[lis
         rows = order[start : start + e.batch_size]
         # collate wants targets; a one-token dummy keeps it shared with training batches.
         src = collate([sources[i] for i in rows], [sources[i][:1] for i in rows], [0] * len(rows)).src
-        hyps = beam_search(model, src, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam=e.beam, lenpen=e.lenpen,
-                           max_len_a=e.max_len_a, max_len_b=e.max_len_b, max_len_cap=model.shape.max_positions - 1)
+        hyps = search(model, src, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam=e.beam, lenpen=e.lenpen,
+                      max_len_a=e.max_len_a, max_len_b=e.max_len_b, max_len_cap=model.shape.max_positions - 1)
         for row, hyp in zip(rows, hyps):
-            outputs[row] = hyp
+            outputs[row] = hyp.tokens
     return outputs
 
 
