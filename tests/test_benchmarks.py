@@ -53,13 +53,17 @@ def test_each_benchmark_gives_a_well_formed_table_at_tiny_size(name):
 
 
 def test_run_writes_the_report_for_the_chosen_benchmarks(tmp_path, monkeypatch, capsys):
-    name = "hvp"
+    """--only runs those benchmarks and keeps the other tables of the report it updates."""
+    name, other = "hvp", runner.BENCHMARKS["prepare"][0]
     out = tmp_path / "performance.md"
+    out.write_text(f"# Performance\n\nold\n\n## {other}\n\n| a |\n|---|\n| 1 |\n\n## Optimisations\n\nx\n")
     monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--only", name, "--out", str(out)])
     runner.main()
     text = out.read_text()
-    assert text.startswith("# Performance") and "--quick" in text
+    assert text.startswith("# Performance") and "--quick" in text and "only `--only hvp`" in text
     assert f"## {runner.BENCHMARKS[name][0]}" in text and "|---|" in text
+    assert f"## {other}\n\n| a |\n|---|\n| 1 |\n" in text  # kept
+    assert text.count("## Optimisations") == 1  # from benchmarks/optimisations.md, not kept twice
     assert f"written: {out}" in capsys.readouterr().out
 
 
