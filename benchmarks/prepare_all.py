@@ -4,7 +4,7 @@ on the cache hit.
 Each run is its own `polycats prepare` process (the command a user types), on configs/many.yaml with
 ``data.languages`` overridden to every non-pivot translation of the Bible (21 languages + the
 English pivot). The first run has a fresh, empty ``POLYCATS_CACHE``; the second reuses it. Peak RSS
-is each process's own VmHWM (see ``CHILD``).
+is each process's own (``cats_overhead.peak_rss_mb``).
 
     python benchmarks/prepare_all.py [--quick]
 """
@@ -38,18 +38,17 @@ def overrides(quick: bool) -> list[str]:
     return sets
 
 
-# `polycats prepare` with its peak RSS on stderr's last line. Not ru_maxrss: a child forked from a
-# large benchmark process starts with the parent's resident pages, and Linux carries that high-water
-# mark across exec into ru_maxrss; VmHWM is the new program's own.
-CHILD = """
+# `polycats prepare` with its peak RSS (MiB) on stderr's last line.
+CHILD = f"""
 import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from cats_overhead import peak_rss_mb
 from polycats.cli import main
 sys.argv = ["polycats", *sys.argv[1:]]
 try:
     main()
 finally:
-    peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(peak.split()[1], file=sys.stderr)  # KiB
+    print(peak_rss_mb(), file=sys.stderr)
 """
 
 
@@ -63,7 +62,7 @@ def timed_prepare(sets: list[str], cache: str) -> tuple[float, float]:
     elapsed = time.perf_counter() - started
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command[3:])} failed: {child.stderr[-2000:]}")
-    return elapsed, int(child.stderr.strip().splitlines()[-1]) / 1024
+    return elapsed, float(child.stderr.strip().splitlines()[-1])
 
 
 def rows(quick: bool) -> list[dict]:
