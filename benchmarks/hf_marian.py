@@ -22,6 +22,7 @@ report each model's decoder steps per sentence instead, so one can see both did 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import statistics
@@ -137,7 +138,7 @@ def training_rows(updates: int, warmup: int, overrides: tuple[str, ...] = ()) ->
 
     # Two copies of our model: "ours" is the trainer's path (vocabulary projection at target tokens
     # only); "ours, all positions" projects padding too, as HF does — their ratio is that optimisation's.
-    ours_all_positions = models(config, data.vocab_size)[0]
+    ours_all_positions = copy.deepcopy(ours)
     steps = {
         "ours": trainer(lambda b: ours.losses(b.src, b.tgt_in, b.tgt_out, t.label_smoothing)[0], ours),
         "ours, all positions": trainer(lambda b: on_logits(ours_all_positions(b.src, b.tgt_in), b), ours_all_positions),
@@ -166,19 +167,14 @@ def training_rows(updates: int, warmup: int, overrides: tuple[str, ...] = ()) ->
 
 def source_batches(data, sentences: int, batch_size: int) -> list[torch.Tensor]:
     """The first test sentences of every task, length-sorted and cut into right-padded batches."""
-    from polycats.data.prepare import PAD
+    from polycats.data.batching import collate
 
     test = data.split("test")
     per_task = -(-sentences // len(test))
     sources = sorted((s for arrays in test.values() for s in arrays.src[:per_task]), key=len)[:sentences]
-    batches = []
-    for start in range(0, len(sources), batch_size):
-        chunk = sources[start : start + batch_size]
-        src = torch.full((len(chunk), max(len(s) for s in chunk)), PAD, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            src[row, : len(s)] = torch.from_numpy(s.astype("int64"))
-        batches.append(src)
-    return batches
+    # collate wants targets; one-token dummies, as in polycats.evaluate.run.translate_lines.
+    return [collate(chunk, [s[:1] for s in chunk], [0] * len(chunk)).src
+            for chunk in (sources[start : start + batch_size] for start in range(0, len(sources), batch_size))]
 
 
 def beam_rows(quick: bool) -> list[dict]:
