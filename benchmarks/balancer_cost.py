@@ -23,7 +23,8 @@ from pathlib import Path
 import tiny
 from cats_overhead import METHODS, interleaved
 
-PEERS = ["pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro"]
+from polycats.demo import PEERS
+
 # Ordered so that K = 4 gives exactly the demo preset's languages (and shares its prepared data).
 HIRES = ["de", "fr", "es", "ru", "zh", "ja", "vi", "tr"]
 LORES = ["sw", "tl", "hi", "id", "ko", "fa", "ar", "pl"]

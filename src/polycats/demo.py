@@ -20,6 +20,7 @@ from polycats.report.figures import alpha_curves, nll_curves
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
+PEERS = ("pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")
 METHODS = {
     "T=1": ["sampling.temperature=1"],
     "T=5": ["sampling.temperature=5"],
@@ -28,8 +29,7 @@ METHODS = {
     "T=100": ["sampling.temperature=100"],
     "two-stage": ["sampling.temperature=5", "sampling.first_stage_updates=100"],  # HiRes first (Choi et al. 2023)
     # Peers on the same T=1 sampler as CATS, with their documented default options.
-    **{peer: ["sampling.temperature=1", f"balancer.name={peer}"] for peer in (
-        "pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")},
+    **{peer: ["sampling.temperature=1", f"balancer.name={peer}"] for peer in PEERS},
 }
 DEFAULT_METHODS = ("T=1", "T=5", "CATS")
 GROUPS = ("LoRes", "HiRes", "All")
