@@ -474,10 +474,17 @@ def _top_lanczos(op: HessianOperator, v: Tensor, tol: float, max_iter: int) -> t
         basis[k] = v
         w = _apply(op, v)
         alphas.append(float(v @ w))
-        # Full reorthogonalisation against every basis vector (twice: "twice is enough"); it
-        # subsumes the three-term recurrence.
+        # The three-term recurrence, then one pass of full reorthogonalisation, repeated only
+        # when that pass removed most of w (the DGKS test): the basis is swept about once per
+        # product, not twice — it is memory-bound, about a tenth of a product's time at k = 12.
+        w.add_(v, alpha=-alphas[-1])
+        if k:
+            w.add_(basis[k - 1], alpha=-betas[-1])
         for _ in range(2):
-            w -= basis[: k + 1].T @ (basis[: k + 1] @ w)
+            before = float(w.norm())
+            w.addmv_(basis[: k + 1].T, basis[: k + 1] @ w, alpha=-1)
+            if float(w.norm()) > before / math.sqrt(2):
+                break
         beta = float(w.norm())
         thetas, vectors = eigh_tridiagonal(np.asarray(alphas), np.asarray(betas))
         bounds = beta * np.abs(vectors[-1])
