@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polycats.model.transformer import Transformer, TransformerShape, sinusoidal_positions, token_losses
+from polycats.model.transformer import Dropout, Transformer, TransformerShape, sinusoidal_positions, token_losses
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 37
@@ -85,6 +85,37 @@ def test_dropout_only_in_training_mode():
         torch.testing.assert_close(model(src, tgt), model(src, tgt))
         model.train()
         assert not torch.allclose(model(src, tgt), model(src, tgt))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_drops_at_its_rate_and_keeps_the_expectation(p):
+    dropout = Dropout(p).train()
+    x = torch.ones(1_000_003)  # not a multiple of 4: the last 64-bit draw is cut
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    rounded = round(p * 65536) / 65536
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - rounded)))
+    # Each of the four 16-bit pieces of a draw is uniform (a biased bit, e.g. an int64 draw's
+    # always-zero sign bit, would show in one of them): 5 standard deviations.
+    for piece in range(4):
+        rate = kept[piece::4].double().mean()
+        assert abs(rate - (1 - rounded)) < 5 * math.sqrt(rounded * (1 - rounded) / kept[piece::4].numel())
+    assert abs(float(y.double().mean()) - 1) < 5 * math.sqrt(rounded / (1 - rounded) / x.numel())
+
+
+def test_dropout_gradient_is_the_forward_mask_and_follows_the_seed():
+    dropout = Dropout(0.3).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach() / x.detach())
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropout(x), y)
+    assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
 
 
 def test_too_long_sequence_is_a_clear_error():

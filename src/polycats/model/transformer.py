@@ -43,6 +43,35 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
     return table
 
 
+class Dropout(nn.Module):
+    """Inverted dropout like ``nn.Dropout``, with a CPU mask at a sixth of its cost.
+
+    ``nn.Dropout`` on CPU draws its mask with ``bernoulli_``: 12.5 ms for a 2048 x 512 activation
+    on two cores, 18% of a demo training step (torch.profiler). Here one 64-bit draw from torch's
+    generator (``random_`` over the whole int64 range, so every bit is uniform) gives four 16-bit
+    uniforms, compared with a threshold: 1.9 ms. The drop probability is rounded to a multiple of
+    2^-16 (0.1 -> 0.1000061) and the kept values are scaled by the rounded one, so the expectation
+    is exact. Other devices keep ``F.dropout`` (their kernels are fused already).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round(p * 65536) - 32768  # P(int16 uniform < threshold) = rounded p
+        self.scale = 1 / (1 - round(p * 65536) / 65536)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= self.threshold
+        return x * torch.where(keep, self.scale, 0.0).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, heads: int, dropout: float):
         super().__init__()
@@ -83,7 +112,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
@@ -96,7 +125,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = Attention(shape.d_model, shape.heads, shape.attention_dropout)
         self.ffn_norm = nn.LayerNorm(shape.d_model)
         self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
-        self.dropout = nn.Dropout(shape.dropout)
+        self.dropout = Dropout(shape.dropout)
 
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
         h = self.self_attn_norm(x)
@@ -153,7 +182,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = Attention(shape.d_model, shape.heads, shape.attention_dropout)
         self.ffn_norm = nn.LayerNorm(shape.d_model)
         self.ffn = FeedForward(shape.d_model, shape.ffn_dim, shape.dropout)
-        self.dropout = nn.Dropout(shape.dropout)
+        self.dropout = Dropout(shape.dropout)
 
     def forward(
         self,
@@ -189,7 +218,7 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.embed.weight[shape.pad_id].zero_()
         self.register_buffer("positions", sinusoidal_positions(shape.max_positions, shape.d_model), persistent=False)
-        self.embed_dropout = nn.Dropout(shape.dropout)
+        self.embed_dropout = Dropout(shape.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(shape) for _ in range(shape.encoder_layers))
         self.encoder_norm = nn.LayerNorm(shape.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.decoder_layers))
