@@ -4,8 +4,8 @@ Time: all trainers live in one process and take turns on the same batches (scala
 step, next batch...), and the ratio is the median of the per-batch ratios — robust to other load
 on the machine, which slows both alike. Peak RSS: each method alone in its own process. CATS pays
 for its per-task forward/backward passes and the Gram matrix from the first update;
-``warmup_steps=0`` makes it also pay for the α update every step; ``cats/10`` updates α every
-10 steps and runs per-task passes on those steps only.
+``warmup_steps=0`` makes it also pay for the α update every step; ``cats/2`` and ``cats/10``
+update α every 2 or 10 steps and run per-task passes on those steps only.
 
 The machinery takes any set of methods (name → ``--set`` overrides); ``balancer_cost.py`` uses it
 for the peers and for the growth with the number of languages.
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 METHODS = {
     "scalar": [],
     "cats": ["balancer.name=cats", "balancer.warmup_steps=0"],
-    # α every 10 steps: per-task passes on those steps only (docs/cats.md, update_every).
+    # α every 2 or 10 steps: per-task passes on those steps only (docs/cats.md, update_every).
+    "cats/2": ["balancer.name=cats", "balancer.warmup_steps=0", "balancer.update_every=2"],
     "cats/10": ["balancer.name=cats", "balancer.warmup_steps=0", "balancer.update_every=10"],
 }
 

@@ -491,8 +491,10 @@ class CATS:
             raise ValueError("CATS.observe needs per-task gradients (stats.grads is None)")
         grads = stats.grads
         curvature = self._probe(self._direction(grads)) if self.config.constraint == "hvp" else None
-        energy = float(grads.sum(0).pow(2).sum())
-        return self._update(stats.losses, self.gram(grads), energy, stats.present, curvature)
+        gram = self.gram(grads)
+        # ‖Σ g_i‖² = 1ᵀM1: read off the exact Gram matrix instead of another pass over G.
+        energy = float(gram.sum()) if self.config.sketch_dim is None else float(grads.sum(0).pow(2).sum())
+        return self._update(stats.losses, gram, energy, stats.present, curvature)
 
     def step(
         self,

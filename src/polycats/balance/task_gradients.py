@@ -43,15 +43,17 @@ TaskClosure = Callable[[], "TaskLoss | Tensor"]
 
 def flat_gradient(loss: Tensor, params: Sequence[Tensor], out: Tensor) -> None:
     """Write ``d loss / d params`` flattened into ``out`` (zeros for unused parameters)."""
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    offset = 0
-    for param, grad in zip(params, grads):
-        size = param.numel()
-        if grad is None:
-            out[offset : offset + size].zero_()
-        else:
-            out[offset : offset + size].copy_(grad.reshape(-1))
-        offset += size
+    # The backward pass accumulates straight into views of ``out`` (no per-parameter copies);
+    # whatever .grad held before is put back afterwards.
+    saved = [param.grad for param in params]
+    out.zero_()
+    for param, view in zip(params, out.split([param.numel() for param in params])):
+        param.grad = view.view_as(param)
+    try:
+        torch.autograd.backward(loss, inputs=params)
+    finally:
+        for param, grad in zip(params, saved):
+            param.grad = grad
 
 
 def accumulate_into_grad(params: Sequence[Tensor], direction: Tensor) -> None:
@@ -71,11 +73,12 @@ def per_task_gradients(params: Sequence[Tensor], closures: Sequence[TaskClosure 
     """Run each task's closure and backward pass; ``None`` marks a task absent from this batch."""
     total = sum(p.numel() for p in params)
     device = params[0].device
-    grads = torch.zeros(len(closures), total, device=device)
+    grads = torch.empty(len(closures), total, device=device)  # each row written once, zeros included
     losses = torch.zeros(len(closures))
     tokens = torch.zeros(len(closures))
     for i, closure in enumerate(closures):
         if closure is None:
+            grads[i].zero_()
             continue
         result = closure()
         task = result if isinstance(result, TaskLoss) else TaskLoss(result)
