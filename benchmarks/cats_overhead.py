@@ -91,8 +91,9 @@ class Timings:
 
 def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup: int, threads: int,
                 extra: list[str]) -> Timings:
-    """Time each method's updates, the methods taking turns. Methods with the same data config
-    share one prepared dataset and one batch stream, so they step on identical batches."""
+    """Time each method's updates, the methods taking turns in a rotating order. Methods with the
+    same data config share one prepared dataset and one batch stream, so they step on identical
+    batches."""
     import tempfile
 
     from polycats.config import load_config, preset_path
@@ -115,7 +116,9 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
             for members in groups.values():
                 batch = trainers[members[0]].stream.next()
                 present = len(batch.task.unique())
-                for method in members:
+                # The order rotates every step: whoever runs right after another method's step
+                # inherits its allocator and cache state, so a fixed order is a bias.
+                for method in members[step % len(members):] + members[:step % len(members)]:
                     trainer = trainers[method]
                     passes = present if trainer.wants_task_gradients() else 1
                     started = time.perf_counter()
