@@ -72,8 +72,8 @@ def measure(preset: str, method: str, updates: int, warmup: int, threads: int, o
 @dataclass
 class Timings:
     """Per-update seconds of each method (``seconds[m][t]``: update ``t``, taken in the same round
-    for every method) and the backward passes each update cost: one per task present in the
-    batch for a balancer that needs per-task gradients, else one."""
+    for every method) and the backward passes each update cost: one, or one per task present in
+    the batch when per-task gradients come from sub-batches (a model ``TaskSplit`` cannot hook)."""
 
     seconds: dict[str, list[float]]
     passes: dict[str, list[int]]
@@ -120,7 +120,8 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
                 # inherits its allocator and cache state, so a fixed order is a bias.
                 for method in members[step % len(members):] + members[:step % len(members)]:
                     trainer = trainers[method]
-                    passes = present if trainer.wants_task_gradients() else 1
+                    one_pass = not trainer.wants_task_gradients() or trainer.task_split is not None
+                    passes = 1 if one_pass else present
                     started = time.perf_counter()
                     trainer.train_step(batch)
                     if step >= warmup:

@@ -132,6 +132,33 @@ def test_translate_keeps_one_output_line_per_input_line(tiny_bible_run):
     assert outputs[1] == ""
 
 
+@pytest.mark.parametrize("balancer", ["cats", "pcgrad"])
+def test_one_pass_per_task_gradients_train_like_one_pass_per_task(tmp_path, balancer):
+    """The trainer's one-pass path (TaskSplit) and the sub-batch path take the same steps
+    (no dropout, so both compute the same function)."""
+    from polycats.train.trainer import Trainer
+
+    tree = json.loads(json.dumps(SYNTHETIC))
+    tree["train"].update(max_tokens=300)
+    tree["balancer"] = {"name": balancer, **({"warmup_steps": 0} if balancer == "cats" else {})}
+    one_pass = Trainer(config_from_dict(tree), tmp_path / "one", progress=False)
+    sub_batches = Trainer(config_from_dict(tree), tmp_path / "sub", progress=False)
+    assert one_pass.task_split is not None
+    sub_batches.task_split = None
+    for _ in range(4):
+        batch = one_pass.stream.next()
+        assert len(batch.task.unique()) > 1
+        one_pass.train_step(batch)
+        sub_batches.train_step(batch)
+    for a, b in zip(one_pass.params, sub_batches.params):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if balancer == "cats":
+        alphas = {k: v for k, v in one_pass.balancer.log_values().items() if k.startswith("alpha/")}
+        assert alphas == pytest.approx({k: sub_batches.balancer.log_values()[k] for k in alphas}, rel=1e-4)
+        assert len(set(alphas.values())) > 1  # α moved, so the comparison means something
+    torch.testing.assert_close(one_pass.totals.state_dict(), sub_batches.totals.state_dict())
+
+
 def test_cats_update_every_pays_for_per_task_passes_only_on_alpha_updates(tmp_path, monkeypatch):
     """warmup 2, update_every 3: per-task passes on steps 0, 1 (warm-up) and 2, 5, 8 (α updates);
     the other steps are one weighted backward pass, and α moves only on the update steps."""
@@ -142,8 +169,8 @@ def test_cats_update_every_pays_for_per_task_passes_only_on_alpha_updates(tmp_pa
     tree["balancer"] = {"name": "cats", "warmup_steps": 2, "update_every": 3}
     trainer = trainer_module.Trainer(config_from_dict(tree), tmp_path / "run", progress=False)
     per_task_steps = []
-    real = trainer_module.backward_per_task
-    monkeypatch.setattr(trainer_module, "backward_per_task",
+    real = trainer.per_task_backward
+    monkeypatch.setattr(trainer, "per_task_backward",
                         lambda *args, **kwargs: per_task_steps.append(trainer.update) or real(*args, **kwargs))
     trainer.fit()
     assert per_task_steps == [0, 1, 2, 5, 8]

@@ -72,6 +72,14 @@ class Dropout(nn.Module):
         return x * torch.where(keep, self.scale, 0.0).to(x.dtype)
 
 
+class TiedProjection(nn.Module):
+    """``F.linear(states, weight)`` as a module, so that hooks see the output projection (its
+    weight belongs to the embeddings; see ``polycats.balance.task_split``)."""
+
+    def forward(self, states: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(states, weight)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, heads: int, dropout: float):
         super().__init__()
@@ -223,6 +231,7 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(shape.d_model)
         self.decoder_layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.decoder_layers))
         self.decoder_norm = nn.LayerNorm(shape.d_model)
+        self.output_projection = TiedProjection()
 
     def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
         length = tokens.shape[1]
@@ -258,7 +267,7 @@ class Transformer(nn.Module):
         return self.decoder_norm(x)
 
     def output_logits(self, states: Tensor) -> Tensor:
-        return F.linear(states, self.embed.weight)  # tied to the embeddings
+        return self.output_projection(states, self.embed.weight)  # tied to the embeddings
 
     def decode(self, tgt_in: Tensor, cache: DecoderCache) -> Tensor:
         """Logits for ``tgt_in`` given the cache; the cache is extended in place."""

@@ -32,7 +32,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
+from polycats.balance.base import TaskStats
+from polycats.balance.task_gradients import TaskLoss, accumulate_into_grad, backward_per_task, per_task_gradients
+from polycats.balance.task_split import TaskSplit
 from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sampling_probabilities
 from polycats.data.prepare import PAD, PreparedData, prepare
@@ -175,6 +177,8 @@ class Trainer:
         np.random.seed(config.train.seed)
         self.model: Transformer = build_model(config, self.data.vocab_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Per-task gradients in one pass over the batch when the model allows (it does: ours).
+        self.task_split = TaskSplit(self.model, self.params) if TaskSplit.supports(self.model, self.params) else None
         t = config.train
         self.optimizer = torch.optim.Adam(self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         train = self.data.split("train")
@@ -370,6 +374,42 @@ class Trainer:
         now = getattr(self.balancer, "task_gradients_now", None)
         return now() if now is not None else self.balancer.needs_task_gradients
 
+    def per_task_backward(self, batch: Batch, poison: bool, step_totals: TaskTotals) -> TaskStats:
+        """Per-task gradients of the batch, and the balancer's direction from them left in ``.grad``.
+
+        One forward and backward pass over the whole batch with :class:`TaskSplit` (rows sorted
+        by task); for a model it does not support, one pass per task sub-batch."""
+        smoothing = self.config.train.label_smoothing
+        num_tasks = len(self.tasks)
+        if self.task_split is None:
+            def closure(sub: Batch, index: int):
+                def run() -> TaskLoss:
+                    loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
+                    if poison:
+                        loss = loss * math.nan
+                    tokens = sub.target_tokens
+                    step_totals.add(index, nll.sum().detach(), torch.tensor(tokens))
+                    task_sum = loss.sum()
+                    return TaskLoss(task_sum / batch.target_tokens, mean=float(task_sum.detach()) / tokens, tokens=tokens)
+                return run
+
+            subs = batch.by_task(num_tasks)
+            return backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
+        batch = batch.select(torch.argsort(batch.task, stable=True))
+        row_tokens = (batch.tgt_out != PAD).sum(dim=1)
+        grads = torch.empty(num_tasks, self.task_split.size)
+        with self.task_split.collect(batch.task, row_tokens, num_tasks, grads):
+            loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
+            if poison:
+                loss = loss * math.nan
+            task_sums = torch.zeros(num_tasks).index_add(0, batch.task, loss.sum(dim=1))
+            (task_sums.sum() / batch.target_tokens).backward()
+        step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
+        tokens = torch.zeros(num_tasks).index_add(0, batch.task, row_tokens.to(torch.float32))
+        stats = TaskStats(losses=task_sums.detach() / tokens.clamp_min(1), tokens=tokens, grads=grads)
+        accumulate_into_grad(self.params, self.balancer.combine(stats))
+        return stats
+
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
@@ -381,19 +421,7 @@ class Trainer:
         total_tokens = batch.target_tokens
         step_totals = TaskTotals(len(self.tasks))
         if self.wants_task_gradients():
-            def closure(sub: Batch, index: int):
-                def run() -> TaskLoss:
-                    loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
-                    if poison:
-                        loss = loss * math.nan
-                    tokens = sub.target_tokens
-                    step_totals.add(index, nll.sum().detach(), torch.tensor(tokens))
-                    task_sum = loss.sum()
-                    return TaskLoss(task_sum / total_tokens, mean=float(task_sum.detach()) / tokens, tokens=tokens)
-                return run
-
-            subs = batch.by_task(len(self.tasks))
-            stats = backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
+            stats = self.per_task_backward(batch, poison, step_totals)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
             loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, smoothing)

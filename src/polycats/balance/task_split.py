@@ -1,0 +1,177 @@
+"""Per-task gradients from one forward and one backward pass over a whole batch.
+
+The sentences of a batch do not interact: every activation row, and the gradient flowing back into
+it, belongs to exactly one sentence and so to one task. A parameter's gradient is a sum over rows
+(``δᵀ x`` for a linear layer, ``Σ δ`` for a bias, ``Σ δ ⊙ x̂`` for a LayerNorm scale, a scatter
+of ``δ`` for an embedding), and task ``i``'s gradient ``g_i`` is the same sum over task ``i``'s
+rows only. So instead of one forward and backward pass per task sub-batch
+(:func:`polycats.balance.task_gradients.per_task_gradients`), :class:`TaskSplit` runs the batch
+once with the parameters' ``requires_grad`` switched off — autograd then propagates only the
+activation gradients — and module hooks compute each parameter's per-task sums from the layer
+inputs and the output gradients, writing them into the rows of ``G`` ``[K, P]``. The floating-point
+operations are those of one ordinary backward pass (the weight-gradient products are cut into
+``K`` row blocks); what it saves is the fixed cost of every extra pass, which a task with one or
+two sentences in the batch pays in full (about 25 ms per pass for the demo model on 2 cores).
+
+Supported parameters: those of ``nn.Linear``, ``nn.LayerNorm`` (with affine weight and bias) and
+``nn.Embedding`` modules, and weights passed to a :class:`TiedProjection` (our output projection
+tied to the embeddings). Activations are ``[rows, positions, features]`` with the batch's rows
+sorted by task, or ``[tokens, features]`` (the output projection at target tokens) with the
+tokens of those rows in order. :meth:`TaskSplit.supports` tells whether a model qualifies; the
+trainer falls back to sub-batches otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polycats.model.transformer import TiedProjection
+
+
+class TaskSplit:
+    """Collects per-task gradients of ``model``'s ``params`` during one pass (see the module
+    docstring); ``G`` columns follow the order of ``params``."""
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
+        self.model = model
+        self.params = list(params)
+        self.offsets: dict[Tensor, int] = {}
+        offset = 0
+        for param in self.params:
+            self.offsets[param] = offset
+            offset += param.numel()
+        self.size = offset
+
+    @staticmethod
+    def supports(model: nn.Module, params: Sequence[Tensor]) -> bool:
+        """Whether every parameter in ``params`` is owned by a module type this class handles."""
+        covered = set()
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+                covered.update(module.parameters(recurse=False))
+            elif next(module.parameters(recurse=False), None) is not None:
+                return False
+        return all(param in covered for param in params)
+
+    @contextlib.contextmanager
+    def collect(self, row_tasks: Tensor, row_tokens: Tensor, num_tasks: int, out: Tensor) -> Iterator[None]:
+        """Run the forward and backward pass of the batch inside; ``out`` ``[K, P]`` then holds
+        each task's gradient (zeros for absent tasks).
+
+        row_tasks:  ``[B]`` task of each row, sorted (rows of a task are contiguous).
+        row_tokens: ``[B]`` target tokens of each row (segments the ``[tokens, features]`` input
+                    of the output projection).
+        """
+        if row_tasks.numel() > 1 and bool((row_tasks[1:] < row_tasks[:-1]).any()):
+            raise ValueError("TaskSplit.collect needs the batch's rows sorted by task")
+        rows = torch.bincount(row_tasks, minlength=num_tasks).tolist()
+        tokens = torch.zeros(num_tasks, dtype=torch.long).index_add_(0, row_tasks, row_tokens.long()).tolist()
+        self._row_bounds = _bounds(rows)
+        self._token_bounds = _bounds(tokens)
+        self._out = out
+        out.zero_()
+        handles = []
+        for module in self.model.modules():
+            hook = self._hook_for(module)
+            if hook is not None:
+                handles.append(module.register_forward_hook(hook))
+        flags = [param.requires_grad for param in self.params]
+        for param in self.params:
+            param.requires_grad_(False)  # autograd skips the weight gradients; the hooks do them per task
+        try:
+            yield
+        finally:
+            for param, flag in zip(self.params, flags):
+                param.requires_grad_(flag)
+            for handle in handles:
+                handle.remove()
+            self._out = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def _hook_for(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            return self._on_linear
+        if isinstance(module, TiedProjection):
+            return self._on_tied
+        if isinstance(module, nn.LayerNorm):
+            return self._on_layer_norm
+        if isinstance(module, nn.Embedding):
+            return self._on_embedding
+        return None
+
+    def _segments(self, x: Tensor) -> list[tuple[int, int, int]]:
+        """``(task, start, end)`` along dim 0 of an activation of this batch."""
+        bounds = self._row_bounds if x.dim() >= 3 else self._token_bounds
+        return [(task, start, end) for task, (start, end) in enumerate(bounds) if end > start]
+
+    def _view(self, task: int, param: Tensor | None) -> Tensor | None:
+        if param is None or param not in self.offsets:
+            return None
+        start = self.offsets[param]
+        return self._out[task, start : start + param.numel()].view_as(param)
+
+    def _linear_sums(self, x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        for task, start, end in self._segments(x):
+            xs = x[start:end].reshape(-1, x.shape[-1])
+            gs = grad[start:end].reshape(-1, grad.shape[-1])
+            if (w := self._view(task, weight)) is not None:
+                w.addmm_(gs.T, xs.to(gs.dtype))
+            if (b := self._view(task, bias)) is not None:
+                b.add_(gs.sum(0))
+
+    def _on_linear(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x = inputs[0].detach()
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._linear_sums(x, grad, module.weight, module.bias))
+
+    def _on_tied(self, module: TiedProjection, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x, weight = inputs[0].detach(), inputs[1]
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._linear_sums(x, grad, weight, None))
+
+    def _on_layer_norm(self, module: nn.LayerNorm, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x = inputs[0].detach()
+
+        def sums(grad: Tensor) -> None:
+            normalised = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+            features = len(module.normalized_shape)
+            for task, start, end in self._segments(x):
+                gs = grad[start:end].reshape(-1, *grad.shape[-features:])
+                if (w := self._view(task, module.weight)) is not None:
+                    w.add_((gs * normalised[start:end].reshape_as(gs)).sum(0))
+                if (b := self._view(task, module.bias)) is not None:
+                    b.add_(gs.sum(0))
+
+        if output.requires_grad:
+            output.register_hook(sums)
+
+    def _on_embedding(self, module: nn.Embedding, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        ids = inputs[0]
+
+        def sums(grad: Tensor) -> None:
+            for task, start, end in self._segments(grad):
+                flat_ids = ids[start:end].reshape(-1)
+                gs = grad[start:end].reshape(-1, grad.shape[-1])
+                if module.padding_idx is not None:  # nn.Embedding never updates the padding row
+                    gs = gs * (flat_ids != module.padding_idx).unsqueeze(1).to(gs.dtype)
+                if (w := self._view(task, module.weight)) is not None:
+                    w.index_add_(0, flat_ids, gs)
+
+        # The weights do not require grad here, so the lookup is where the graph starts.
+        output = output.detach().requires_grad_()
+        output.register_hook(sums)
+        return output
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for count in counts:
+        bounds.append((start, start + count))
+        start += count
+    return bounds
