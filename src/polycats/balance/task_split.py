@@ -73,6 +73,8 @@ class TaskSplit:
         tokens = torch.zeros(num_tasks, dtype=torch.long).index_add_(0, row_tasks, row_tokens.long()).tolist()
         self._row_bounds = _bounds(rows)
         self._token_bounds = _bounds(tokens)
+        self._row_tasks = row_tasks
+        self._token_tasks = row_tasks.repeat_interleave(row_tokens)
         self._out = out
         out.zero_()
         handles = []
@@ -116,14 +118,23 @@ class TaskSplit:
         start = self.offsets[param]
         return self._out[task, start : start + param.numel()].view_as(param)
 
+    def _add_row_sums(self, param: Tensor | None, values: Tensor) -> None:
+        """Add each row's (or token's) sum of ``values`` ``[rows, ..., *param.shape]`` to its task's
+        gradient of ``param``: one ``index_add_`` into the ``[K, numel]`` column block of ``G``."""
+        if param is None or param not in self.offsets:
+            return
+        per_row = values.reshape(values.shape[0], -1, param.numel()).sum(1)
+        tasks = self._row_tasks if values.dim() >= 3 else self._token_tasks
+        start = self.offsets[param]
+        self._out[:, start : start + param.numel()].index_add_(0, tasks, per_row)
+
     def _linear_sums(self, x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-        for task, start, end in self._segments(x):
-            xs = x[start:end].reshape(-1, x.shape[-1])
-            gs = grad[start:end].reshape(-1, grad.shape[-1])
-            if (w := self._view(task, weight)) is not None:
-                w.addmm_(gs.T, xs.to(gs.dtype))
-            if (b := self._view(task, bias)) is not None:
-                b.add_(gs.sum(0))
+        if weight in self.offsets:
+            for task, start, end in self._segments(x):
+                xs = x[start:end].reshape(-1, x.shape[-1])
+                gs = grad[start:end].reshape(-1, grad.shape[-1])
+                self._view(task, weight).addmm_(gs.T, xs.to(gs.dtype))
+        self._add_row_sums(bias, grad)
 
     def _on_linear(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         x = inputs[0].detach()
@@ -139,14 +150,9 @@ class TaskSplit:
         x = inputs[0].detach()
 
         def sums(grad: Tensor) -> None:
-            normalised = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-            features = len(module.normalized_shape)
-            for task, start, end in self._segments(x):
-                gs = grad[start:end].reshape(-1, *grad.shape[-features:])
-                if (w := self._view(task, module.weight)) is not None:
-                    w.add_((gs * normalised[start:end].reshape_as(gs)).sum(0))
-                if (b := self._view(task, module.bias)) is not None:
-                    b.add_(gs.sum(0))
+            if module.weight in self.offsets:
+                self._add_row_sums(module.weight, grad * F.layer_norm(x, module.normalized_shape, eps=module.eps))
+            self._add_row_sums(module.bias, grad)
 
         if output.requires_grad:
             output.register_hook(sums)
@@ -155,13 +161,13 @@ class TaskSplit:
         ids = inputs[0]
 
         def sums(grad: Tensor) -> None:
+            if module.weight not in self.offsets:
+                return
+            if module.padding_idx is not None:  # nn.Embedding never updates the padding row
+                grad = grad * (ids != module.padding_idx).unsqueeze(-1).to(grad.dtype)
             for task, start, end in self._segments(grad):
-                flat_ids = ids[start:end].reshape(-1)
-                gs = grad[start:end].reshape(-1, grad.shape[-1])
-                if module.padding_idx is not None:  # nn.Embedding never updates the padding row
-                    gs = gs * (flat_ids != module.padding_idx).unsqueeze(1).to(gs.dtype)
-                if (w := self._view(task, module.weight)) is not None:
-                    w.index_add_(0, flat_ids, gs)
+                self._view(task, module.weight).index_add_(0, ids[start:end].reshape(-1),
+                                                           grad[start:end].reshape(-1, grad.shape[-1]))
 
         # The weights do not require grad here, so the lookup is where the graph starts.
         output = output.detach().requires_grad_()
