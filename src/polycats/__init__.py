@@ -21,6 +21,7 @@ _EXPORTS = {
     "CatsConfig": "polycats.balance.cats",
     "ScalarBalancer": "polycats.balance.scalar",
     "TaskLoss": "polycats.balance.task_gradients",
+    "TaskSplit": "polycats.balance.task_split",
     "backward_per_task": "polycats.balance.task_gradients",
     "per_task_gradients": "polycats.balance.task_gradients",
 }

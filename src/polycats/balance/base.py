@@ -7,8 +7,9 @@ Two families share it:
 * **gradient combination** (PCGrad, MGDA, UPGrad, ...) receives the per-task gradients and returns
   the combined direction.
 
-``needs_task_gradients`` tells the trainer whether to pay for per-task gradients (one backward
-pass per task sub-batch, see :mod:`polycats.balance.task_gradients`). A balancer that does not need
+``needs_task_gradients`` tells the trainer whether to pay for per-task gradients (the ``K x P``
+matrix from one hooked pass over the batch, :mod:`polycats.balance.task_split`, or one backward
+pass per task, :mod:`polycats.balance.task_gradients`). A balancer that does not need
 them only provides ``loss_weights()`` and the trainer does one ordinary backward pass of
 ``sum_i w_i S_i / N``.
 

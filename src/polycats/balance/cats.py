@@ -86,11 +86,12 @@ produce a non-finite α or λ is reverted and counted the same way. α is never 
 Schedule and where L and M come from
 ------------------------------------
 ``source="train"`` (default): ``combine(stats)`` receives this training step's per-task gradients
-(``backward_per_task``); on steps ``t >= warmup_steps`` with ``(t − warmup_steps) % update_every
+(in the trainer from one hooked pass, ``polycats.balance.task_split``; in a plain loop from
+``backward_per_task``); on steps ``t >= warmup_steps`` with ``(t − warmup_steps) % update_every
 == 0`` (``t`` = training steps seen before this one) it updates α from this batch's ``L`` and
 ``M`` *first* and then returns ``αᵀ G`` with the new α. On other steps α stays as is and only the
 energy EMA moves. With ``update_every > 1`` the trainer asks ``task_gradients_now()`` and, after
-warm-up, pays for per-task passes only on α-update steps: the steps between are one backward pass
+warm-up, pays for per-task gradients only on α-update steps: the steps between are one backward pass
 of ``Σ α_i S_i / N`` (the same direction), counted by ``observe_losses``, and the energy EMA moves
 on update steps only. So the per-task cost is amortised over ``update_every`` steps.
 

@@ -1,6 +1,7 @@
-"""The one per-task gradient path shared by every balancer that needs per-task gradients.
+"""Per-task gradients from loss closures: the library path for any model and any loss.
 
-Each task's sub-batch gets its own forward and backward pass (so only one task's activations are
+(The trainer gets the same ``G`` from one pass over the whole batch, :mod:`polycats.balance.task_split`,
+for the model types it can hook.) Each task's sub-batch gets its own forward and backward pass (so only one task's activations are
 alive at a time); its flattened gradient becomes one row of ``G`` ``[K, P]``. Because each
 ``g_i`` is the gradient of task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly
 the usual full-batch gradient: per-task gradients cost no extra backward passes, only the memory

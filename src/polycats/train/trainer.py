@@ -369,7 +369,7 @@ class Trainer:
         return per_task_gradients(self.params, [first.get(i) and closure(first[i]) for i in range(len(self.tasks))])
 
     def wants_task_gradients(self) -> bool:
-        """Whether the next step runs per-task backward passes (CATS with update_every > 1: only
+        """Whether the next step collects per-task gradients (CATS with update_every > 1: only
         on its α-update steps)."""
         now = getattr(self.balancer, "task_gradients_now", None)
         return now() if now is not None else self.balancer.needs_task_gradients
