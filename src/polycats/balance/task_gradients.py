@@ -1,11 +1,12 @@
 """Per-task gradients from loss closures: the library path for any model and any loss.
 
-(The trainer gets the same ``G`` from one pass over the whole batch, :mod:`polycats.balance.task_split`,
-for the model types it can hook.) Each task's sub-batch gets its own forward and backward pass (so only one task's activations are
-alive at a time); its flattened gradient becomes one row of ``G`` ``[K, P]``. Because each
-``g_i`` is the gradient of task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly
-the usual full-batch gradient: per-task gradients cost no extra backward passes, only the memory
-for ``G``. The balancer turns ``G`` into one direction, which is accumulated into ``.grad`` so any
+(The trainer gets the same ``G`` from one pass over the whole batch,
+:mod:`polycats.balance.task_split`, for the model types it can hook.) Each task's sub-batch gets
+its own forward and backward pass (so only one task's activations are alive at a time); its
+flattened gradient becomes one row of ``G`` ``[K, P]``. Because each ``g_i`` is the gradient of
+task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly the usual full-batch
+gradient: the passes together process the batch once, plus the fixed cost of each extra pass and
+the memory for ``G``. The balancer turns ``G`` into one direction, which is accumulated into ``.grad`` so any
 optimiser can step on it.
 
 Use it in a plain PyTorch loop::

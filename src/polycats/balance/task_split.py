@@ -12,6 +12,9 @@ inputs and the output gradients, writing them into the rows of ``G`` ``[K, P]``.
 operations are those of one ordinary backward pass (the weight-gradient products are cut into
 ``K`` row blocks); what it saves is the fixed cost of every extra pass, which a task with one or
 two sentences in the batch pays in full (about 25 ms per pass for the demo model on 2 cores).
+Measured against one pass per task (``docs/performance.md``): the same cost at K = 4 (the hooks,
+``G`` and the Gram matrix cost about what the extra passes did), and less as K grows — CATS at
+K = 16 costs 1.36x the scalar balancer instead of 1.66x.
 
 Supported parameters: those of ``nn.Linear``, ``nn.LayerNorm`` (with affine weight and bias) and
 ``nn.Embedding`` modules, and weights passed to a :class:`TiedProjection` (our output projection
