@@ -60,11 +60,10 @@ def test_one_pass_gives_the_per_task_gradients_of_one_pass_per_task():
     got = one_pass(model, batch, params)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert got[1].abs().max() == 0 and got[0].abs().max() > 0 and got[2].abs().max() > 0
-    # Every kind of parameter is covered: embeddings (looked up and tied to the output), linear
-    # weights and biases, LayerNorm scales and shifts; padding's embedding row stays untouched
-    # by lookups (it still gets the output projection's gradient).
-    names = [name for name, _ in model.named_parameters()]
-    assert {"embed.weight", "decoder_layers.0.ffn.fc1.bias", "encoder_norm.weight", "encoder_norm.bias"} <= set(names)
+    # Every parameter (embeddings looked up and tied to the output, linear weights and biases,
+    # LayerNorm scales and shifts) gets a gradient from task 0, so the comparison covers them all.
+    for block in got[0].split([p.numel() for p in params]):
+        assert block.abs().max() > 0
 
 
 def test_rows_of_the_one_pass_sum_to_the_ordinary_gradient_and_leave_the_model_as_it_was():
