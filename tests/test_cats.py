@@ -386,6 +386,13 @@ def test_training_gradient_equals_autograd_of_the_alpha_weighted_loss(present):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
 
 
+def test_per_task_gradients_of_parameters_in_another_dtype_than_the_matrix():
+    theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    stats = per_task_gradients([theta], [lambda: (theta**2).sum(), None, lambda: 3 * theta.sum()])
+    torch.testing.assert_close(stats.grads, torch.tensor([[2.0, -4.0], [0.0, 0.0], [3.0, 3.0]]))
+    assert theta.grad is None
+
+
 def test_per_task_sub_batch_gradients_sum_to_the_full_batch_gradient():
     torch.manual_seed(1)
     model = TinyModel()

@@ -6,8 +6,8 @@ its own forward and backward pass (so only one task's activations are alive at a
 flattened gradient becomes one row of ``G`` ``[K, P]``. Because each ``g_i`` is the gradient of
 task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly the usual full-batch
 gradient: the passes together process the batch once, plus the fixed cost of each extra pass and
-the memory for ``G``. The balancer turns ``G`` into one direction, which is accumulated into ``.grad`` so any
-optimiser can step on it.
+the memory for ``G``. The balancer turns ``G`` into one direction, which is accumulated into
+``.grad`` so any optimiser can step on it.
 
 Use it in a plain PyTorch loop::
 
@@ -45,6 +45,10 @@ TaskClosure = Callable[[], "TaskLoss | Tensor"]
 
 def flat_gradient(loss: Tensor, params: Sequence[Tensor], out: Tensor) -> None:
     """Write ``d loss / d params`` flattened into ``out`` (zeros for unused parameters)."""
+    if any(param.dtype != out.dtype or param.device != out.device for param in params):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.copy_(torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1).to(out) for p, g in zip(params, grads)]))
+        return
     # The backward pass accumulates straight into views of ``out`` (no per-parameter copies);
     # whatever .grad held before is put back afterwards.
     saved = [param.grad for param in params]
