@@ -396,19 +396,25 @@ class Trainer:
             subs = batch.by_task(num_tasks)
             return backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
         batch = batch.select(torch.argsort(batch.task, stable=True))
-        row_tokens = (batch.tgt_out != PAD).sum(dim=1)
         grads = torch.empty(num_tasks, self.task_split.size)
-        with self.task_split.collect(batch.task, row_tokens, num_tasks, grads):
-            loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
-            if poison:
-                loss = loss * math.nan
-            task_sums = torch.zeros(num_tasks).index_add(0, batch.task, loss.sum(dim=1))
+        with self.task_split.collect(batch.task, (batch.tgt_out != PAD).sum(dim=1), num_tasks, grads):
+            task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
             (task_sums.sum() / batch.target_tokens).backward()
-        step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
-        tokens = torch.zeros(num_tasks).index_add(0, batch.task, row_tokens.to(torch.float32))
-        stats = TaskStats(losses=task_sums.detach() / tokens.clamp_min(1), tokens=tokens, grads=grads)
+        stats = TaskStats(losses=task_sums.detach() / task_tokens.clamp_min(1), tokens=task_tokens, grads=grads)
         accumulate_into_grad(self.params, self.balancer.combine(stats))
         return stats
+
+    def task_losses(self, batch: Batch, poison: bool, step_totals: TaskTotals) -> tuple[Tensor, Tensor]:
+        """Forward pass of the whole batch: each task's training-loss sum ``S_i`` (with graph) and
+        target tokens ``n_i``, both ``[K]``; the NLL goes into ``step_totals``."""
+        loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, self.config.train.label_smoothing)
+        if poison:
+            loss = loss * math.nan
+        row_tokens = (batch.tgt_out != PAD).sum(dim=1)
+        step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
+        num_tasks = len(self.tasks)
+        task_tokens = torch.zeros(num_tasks).index_add(0, batch.task, row_tokens.to(torch.float32))
+        return torch.zeros(num_tasks).index_add(0, batch.task, loss.sum(dim=1)), task_tokens
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
@@ -417,26 +423,18 @@ class Trainer:
         self.prepare_balancer(batch)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        smoothing = self.config.train.label_smoothing
-        total_tokens = batch.target_tokens
         step_totals = TaskTotals(len(self.tasks))
         if self.wants_task_gradients():
             stats = self.per_task_backward(batch, poison, step_totals)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
-            loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
-            if poison:
-                loss = loss * math.nan
-            row_tokens = (batch.tgt_out != PAD).sum(dim=1)
-            step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
-            task_sums = torch.zeros(len(self.tasks)).index_add(0, batch.task, loss.sum(dim=1))
-            total = (self.balancer.loss_weights().to(task_sums) * task_sums).sum() / total_tokens
+            task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
+            total = (self.balancer.loss_weights().to(task_sums) * task_sums).sum() / batch.target_tokens
             loss_finite = bool(torch.isfinite(total))
             if loss_finite:
                 total.backward()
             observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro; skips non-finite)
             if observe_losses is not None:
-                task_tokens = torch.zeros(len(self.tasks)).index_add(0, batch.task, row_tokens.to(torch.float32))
                 observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         if not loss_finite:
             self.optimizer.zero_grad(set_to_none=True)
