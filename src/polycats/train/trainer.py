@@ -379,17 +379,12 @@ class Trainer:
 
         One forward and backward pass over the whole batch with :class:`TaskSplit` (rows sorted
         by task); for a model it does not support, one pass per task sub-batch."""
-        smoothing = self.config.train.label_smoothing
         num_tasks = len(self.tasks)
         if self.task_split is None:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
-                    loss, nll = self.model.losses(sub.src, sub.tgt_in, sub.tgt_out, smoothing)
-                    if poison:
-                        loss = loss * math.nan
-                    tokens = sub.target_tokens
-                    step_totals.add(index, nll.sum().detach(), torch.tensor(tokens))
-                    task_sum = loss.sum()
+                    task_sums, task_tokens = self.task_losses(sub, poison, step_totals)
+                    task_sum, tokens = task_sums[index], int(task_tokens[index])
                     return TaskLoss(task_sum / batch.target_tokens, mean=float(task_sum.detach()) / tokens, tokens=tokens)
                 return run
 
