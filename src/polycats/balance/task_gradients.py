@@ -47,7 +47,7 @@ def flat_gradient(loss: Tensor, params: Sequence[Tensor], out: Tensor) -> None:
     """Write ``d loss / d params`` flattened into ``out`` (zeros for unused parameters)."""
     if any(param.dtype != out.dtype or param.device != out.device for param in params):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out.copy_(torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1).to(out) for p, g in zip(params, grads)]))
+        torch.cat([out.new_zeros(p.numel()) if g is None else g.reshape(-1).to(out) for p, g in zip(params, grads)], out=out)
         return
     # The backward pass accumulates straight into views of ``out`` (no per-parameter copies);
     # whatever .grad held before is put back afterwards.

@@ -480,12 +480,12 @@ def _top_lanczos(op: HessianOperator, v: Tensor, tol: float, max_iter: int) -> t
         w.add_(v, alpha=-alphas[-1])
         if k:
             w.add_(basis[k - 1], alpha=-betas[-1])
-        for _ in range(2):
-            before = float(w.norm())
-            w.addmv_(basis[: k + 1].T, basis[: k + 1] @ w, alpha=-1)
-            if float(w.norm()) > before / math.sqrt(2):
-                break
         beta = float(w.norm())
+        for _ in range(2):
+            w.addmv_(basis[: k + 1].T, basis[: k + 1] @ w, alpha=-1)
+            before, beta = beta, float(w.norm())
+            if beta > before / math.sqrt(2):
+                break
         thetas, vectors = eigh_tridiagonal(np.asarray(alphas), np.asarray(betas))
         bounds = beta * np.abs(vectors[-1])
         top = int(np.argmax(thetas))
