@@ -27,7 +27,7 @@ from polycats.balance.cats import (
     project_onto_floor_simplex,
     sketch_error_bound,
 )
-from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
+from polycats.balance.task_gradients import GRAM_CHUNK, TaskLoss, backward_per_task, gram_matrix, per_task_gradients
 
 
 def assert_in_alpha_set(alpha: torch.Tensor, alpha_min: float) -> None:
@@ -490,6 +490,19 @@ def test_hvp_sharper_step_tightens_the_budget():
         sharp.update(torch.ones(2), gram, curvature=1.0 if step < 10 else 2.0)
     assert sharp.log_values()["cats/curvature_scale"] > 1.0
     assert float(sharp.alpha[0]) < float(flat.alpha[0])  # even less weight on the sharp task
+
+
+@pytest.mark.parametrize("columns", [5, 2 * GRAM_CHUNK, 3 * GRAM_CHUNK + 17])
+def test_chunked_gram_matrix_matches_the_float64_product(columns):
+    # Fewer columns than two chunks (one product), a whole number of chunks, chunks and a tail;
+    # a column slice of a wider matrix (rows strided like TaskSplit's blocks) as well.
+    wide = correlated_gradients(k=3, p=columns + 40)
+    for rows in (wide[:, :columns].contiguous(), wide[:, 40:]):
+        exact = rows.double() @ rows.double().T
+        got = gram_matrix(rows)
+        assert got.dtype == torch.float64 and got.device.type == "cpu"
+        torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    assert torch.equal(gram_matrix(torch.zeros(2, columns)), torch.zeros(2, 2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------- sketch

@@ -81,6 +81,24 @@ def test_rows_of_the_one_pass_sum_to_the_ordinary_gradient_and_leave_the_model_a
     assert not any(module._forward_hooks for module in model.modules())
 
 
+def test_a_reused_buffer_is_overwritten_and_unreached_parameters_are_zero():
+    # The trainer passes the same [K, P] buffer every step; nothing of the last step may survive,
+    # whether a task was present then and is absent now or a parameter takes no part at all.
+    model = tiny_model().eval()
+    model.unused = nn.Linear(3, 2)  # hooked, but never called by the forward pass
+    params = [p for p in model.parameters() if p.requires_grad]
+    split = TaskSplit(model, params)
+    out = torch.full((TASKS, split.size), float("nan"))
+    for tasks, seed in (([2, 0, 2, 1, 0], 1), ([1, 0, 1], 2), ([0, 0], 3)):
+        batch = batch_of(tasks, seed).select(torch.argsort(torch.tensor(tasks), stable=True))
+        with split.collect(batch.task, (batch.tgt_out != PAD).sum(1), TASKS, out):
+            loss, _ = model.losses(batch.src, batch.tgt_in, batch.tgt_out, 0.1)
+            (loss.sum() / batch.target_tokens).backward()
+        torch.testing.assert_close(out, per_sub_batch(model, batch, params), atol=1e-6, rtol=1e-5)
+    unused = split.offsets[model.unused.weight]
+    assert out[:, unused : unused + 6].abs().max() == 0 and out[1:].abs().max() == 0
+
+
 def test_unsorted_rows_and_unsupported_parameters_are_refused():
     model = tiny_model()
     params = [p for p in model.parameters() if p.requires_grad]

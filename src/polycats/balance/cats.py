@@ -188,6 +188,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
+from polycats.balance.task_gradients import gram_matrix
 
 FLOOR_TOLERANCE = 1e-3
 """An α within this distance of ``α_min`` counts as "on the floor" (α has mean 1)."""
@@ -542,7 +543,7 @@ class CATS:
     def gram(self, grads: Tensor) -> Tensor:
         """``[K, K]`` Gram matrix (float64, CPU) of the rows of ``grads``: exact or sketched."""
         if self.config.sketch_dim is None:
-            return (grads.detach() @ grads.detach().T).to("cpu", torch.float64)
+            return gram_matrix(grads)
         sketched = self.sketch(grads)
         return (sketched @ sketched.T).to("cpu", torch.float64)
 

@@ -76,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
+from polycats.balance.task_gradients import gram_matrix
 from polycats.balance.torchjd_peers import PeerRecord, TaskGradient, fit_weights, task_gradient_field
 
 
@@ -205,7 +206,7 @@ class GradVac:
         selector = torch.tensor(index)
         for g, part in enumerate(groups):
             block = rows[:, part]
-            gram = (block @ block.T).to("cpu", torch.float64)
+            gram = gram_matrix(block)
             total_gram += gram
             targets = self._targets[g][selector][:, selector]
             coefficients, made = vaccinate(gram * scale[:, None] * scale[None, :], targets, self.config.beta,

@@ -100,6 +100,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
+from polycats.balance.task_gradients import gram_matrix
 from polycats.errors import PolycatsError
 
 if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a peer is built
@@ -427,7 +428,7 @@ class TorchJDBalancer:
         if not bool(torch.isfinite(rows).all()):
             self.record.skipped_nonfinite += 1
             return rows.sum(0)
-        gram = (rows @ rows.T).to("cpu", torch.float64)
+        gram = gram_matrix(rows)
         if not bool(torch.isfinite(gram).all()):  # finite rows whose products overflow float32
             self.record.skipped_nonfinite += 1
             return torch.full_like(grads[0], math.nan)  # the trainer skips the update

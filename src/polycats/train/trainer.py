@@ -179,6 +179,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Per-task gradients in one pass over the batch when the model allows (it does: ours).
         self.task_split = TaskSplit(self.model, self.params) if TaskSplit.supports(self.model, self.params) else None
+        self.task_grads: Tensor | None = None  # [K, P], filled by task_split on per-task steps
         t = config.train
         self.optimizer = torch.optim.Adam(self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         train = self.data.split("train")
@@ -391,7 +392,9 @@ class Trainer:
             subs = batch.by_task(num_tasks)
             return backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
         batch = batch.select(torch.argsort(batch.task, stable=True))
-        grads = torch.empty(num_tasks, self.task_split.size)
+        if self.task_grads is None:  # one buffer for every step (TaskSplit overwrites it and keeps its views)
+            self.task_grads = torch.empty(num_tasks, self.task_split.size)
+        grads = self.task_grads
         with self.task_split.collect(batch.task, (batch.tgt_out != PAD).sum(dim=1), num_tasks, grads):
             task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
             (task_sums.sum() / batch.target_tokens).backward()
