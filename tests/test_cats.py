@@ -27,7 +27,14 @@ from polycats.balance.cats import (
     project_onto_floor_simplex,
     sketch_error_bound,
 )
-from polycats.balance.task_gradients import GRAM_CHUNK, TaskLoss, backward_per_task, gram_matrix, per_task_gradients
+from polycats.balance.task_gradients import (
+    GRAM_CHUNK,
+    TaskLoss,
+    backward_per_task,
+    gram_matrix,
+    per_task_gradients,
+    weighted_sum,
+)
 
 
 def assert_in_alpha_set(alpha: torch.Tensor, alpha_min: float) -> None:
@@ -493,15 +500,19 @@ def test_hvp_sharper_step_tightens_the_budget():
 
 
 @pytest.mark.parametrize("columns", [5, 2 * GRAM_CHUNK, 3 * GRAM_CHUNK + 17])
-def test_chunked_gram_matrix_matches_the_float64_product(columns):
-    # Fewer columns than two chunks (one product), a whole number of chunks, chunks and a tail;
+def test_chunked_gram_matrix_and_weighted_sum_match_the_float64_products(columns):
+    # Less than a chunk (only the tail), a whole number of chunks (no tail), chunks and a tail;
     # a column slice of a wider matrix (rows strided like TaskSplit's blocks) as well.
     wide = correlated_gradients(k=3, p=columns + 40)
+    weights = torch.tensor([0.5, 1.25, -2.0], dtype=torch.float64)
     for rows in (wide[:, :columns].contiguous(), wide[:, 40:]):
         exact = rows.double() @ rows.double().T
         got = gram_matrix(rows)
         assert got.dtype == torch.float64 and got.device.type == "cpu"
         torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+        direction = weighted_sum(weights, rows)
+        assert direction.dtype == rows.dtype and direction.shape == (columns,)
+        torch.testing.assert_close(direction.double(), weights @ rows.double(), rtol=1e-5, atol=1e-5)
     assert torch.equal(gram_matrix(torch.zeros(2, columns)), torch.zeros(2, 2, dtype=torch.float64))
 
 

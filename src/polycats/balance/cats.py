@@ -188,7 +188,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
-from polycats.balance.task_gradients import gram_matrix
+from polycats.balance.task_gradients import gram_matrix, weighted_sum
 
 FLOOR_TOLERANCE = 1e-3
 """An α within this distance of ``α_min`` counts as "on the floor" (α has mean 1)."""
@@ -570,7 +570,7 @@ class CATS:
     # ------------------------------------------------------------------ internals
 
     def _direction(self, grads: Tensor) -> Tensor:
-        return torch.as_tensor(self._alpha).to(device=grads.device, dtype=grads.dtype) @ grads
+        return weighted_sum(torch.as_tensor(self._alpha), grads)
 
     def _epsilon_scaled(self) -> float:
         if self.config.epsilon is None:

@@ -100,7 +100,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
-from polycats.balance.task_gradients import gram_matrix
+from polycats.balance.task_gradients import gram_matrix, weighted_sum
 from polycats.errors import PolycatsError
 
 if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a peer is built
@@ -296,7 +296,7 @@ def fit_weights(rows: Tensor, gram: Tensor, direction: Tensor) -> tuple[Tensor, 
     residual ``‖direction − wᵀ rows‖ / ‖direction‖`` (0 for a zero direction)."""
     target = (rows @ direction).to("cpu", torch.float64)
     weights = torch.linalg.pinv(gram, hermitian=True) @ target
-    residual = direction - weights.to(rows) @ rows
+    residual = direction - weighted_sum(weights, rows)
     norm = float(direction.norm())
     return weights, (float(residual.norm()) / norm if norm > 0 else 0.0)
 
@@ -447,7 +447,7 @@ class TorchJDBalancer:
             self.record.skipped_nonfinite += 1
             return torch.full_like(grads[0], math.nan)
         if direction is None:
-            direction = weights.to(rows) @ rows
+            direction = weighted_sum(weights, rows)
             direction_sq = float(weights @ gram @ weights)
         else:
             direction_sq = float(direction.double().pow(2).sum())
