@@ -99,6 +99,23 @@ def test_a_reused_buffer_is_overwritten_and_unreached_parameters_are_zero():
     assert out[:, unused : unused + 6].abs().max() == 0 and out[1:].abs().max() == 0
 
 
+def test_layer_norms_with_trained_looking_scales_and_shifts():
+    # Default LayerNorms (w = 1, b = 0) would hide a hook that confuses x̂ with the output
+    # w ⊙ x̂ + b; scales and shifts away from that, a zero scale and a tiny one, must not.
+    model = tiny_model().eval()
+    generator = torch.Generator().manual_seed(5)
+    norms = [module for module in model.modules() if isinstance(module, nn.LayerNorm)]
+    with torch.no_grad():
+        for module in norms:
+            module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+            module.bias.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+        norms[0].weight[0], norms[0].bias[0] = 0.0, 1.0
+        norms[1].weight[3], norms[1].bias[3] = 1e-6, 1.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = batch_of([2, 0, 2, 1, 0, 2, 0], seed=4)
+    torch.testing.assert_close(one_pass(model, batch, params), per_sub_batch(model, batch, params), atol=1e-6, rtol=1e-5)
+
+
 def test_unsorted_rows_and_unsupported_parameters_are_refused():
     model = tiny_model()
     params = [p for p in model.parameters() if p.requires_grad]
