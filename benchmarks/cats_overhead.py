@@ -10,7 +10,7 @@ update α every 2 or 10 steps and run per-task passes on those steps only.
 The machinery takes any set of methods (name → ``--set`` overrides); ``balancer_cost.py`` uses it
 for the peers and for the growth with the number of languages.
 
-    python benchmarks/cats_overhead.py --preset demo --updates 30
+    python benchmarks/cats_overhead.py --preset demo --updates 60
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
     return timings
 
 
-def run(preset: str = "demo", updates: int = 30, warmup: int = 3, threads: int = 2, extra: list[str] | None = None) -> list[dict]:
+def run(preset: str = "demo", updates: int = 60, warmup: int = 3, threads: int = 2, extra: list[str] | None = None) -> list[dict]:
     extra = extra or []
     timings = interleaved(preset, METHODS, updates, warmup, threads, extra)
     rows = []
@@ -151,7 +151,7 @@ def run(preset: str = "demo", updates: int = 30, warmup: int = 3, threads: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], dest="extra")

@@ -33,7 +33,7 @@ BENCHMARKS = {
     "cats_overhead": ("CATS overhead vs the scalar balancer (demo preset)",
                       lambda quick: cats_overhead.run("demo", updates=2, warmup=1, threads=tiny.THREADS,
                                                         extra=tiny.OVERRIDES) if quick
-                      else cats_overhead.run("demo", updates=30, warmup=3)),
+                      else cats_overhead.run("demo", updates=60, warmup=3)),
     "eigen_vs_pyhessian": ("Top Hessian eigenvalue vs PyHessian: time to 1% relative error",
                            lambda quick: eigen_vs_pyhessian.run(d_model=16, vocab=512, repeats=1) if quick
                            else eigen_vs_pyhessian.run(d_model=64)),
