@@ -2,7 +2,7 @@
 
 Time: all trainers live in one process and take turns on the same batches (scalar step, CATS
 step, next batch...), and the ratio is the median of the per-batch ratios — robust to other load
-on the machine, which slows both alike. Peak RSS: each method alone in its own process. CATS pays
+on the machine, which slows both alike — with a 95% bootstrap interval over the rounds. Peak RSS: each method alone in its own process. CATS pays
 for its per-task forward/backward passes and the Gram matrix from the first update;
 ``warmup_steps=0`` makes it also pay for the α update every step; ``cats/2`` and ``cats/10``
 update α every 2 or 10 steps and run per-task passes on those steps only.
@@ -85,6 +85,16 @@ class Timings:
         """Median over rounds of the per-round ratio: both were timed back to back, under the same load."""
         return statistics.median(a / b for a, b in zip(self.seconds[method], self.seconds[baseline]))
 
+    def ratio_interval(self, method: str, baseline: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """95% bootstrap interval of :meth:`ratio` (rounds resampled with replacement, seeded):
+        how far the median ratio could move in another run of as many rounds."""
+        import numpy as np
+
+        ratios = np.array([a / b for a, b in zip(self.seconds[method], self.seconds[baseline])])
+        picks = np.random.default_rng(seed).integers(0, len(ratios), size=(resamples, len(ratios)))
+        low, high = np.quantile(np.median(ratios[picks], axis=1), [0.025, 0.975])
+        return float(low), float(high)
+
     def mean_passes(self, method: str) -> float:
         return statistics.fmean(self.passes[method])
 
@@ -144,6 +154,7 @@ def run(preset: str = "demo", updates: int = 60, warmup: int = 3, threads: int =
     for row in rows:
         row["interleaved_s_per_update"] = timings.median(row["method"])
         row["time_ratio_vs_scalar"] = timings.ratio(row["method"], "scalar")
+        row["ratio_ci95_low"], row["ratio_ci95_high"] = timings.ratio_interval(row["method"], "scalar")
         row["rss_ratio_vs_scalar"] = row["peak_rss_mb"] / base["peak_rss_mb"]
     return rows
 

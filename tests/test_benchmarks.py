@@ -72,3 +72,16 @@ def test_an_unknown_benchmark_is_named(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="nope"):
         runner.main()
     assert not (tmp_path / "p.md").exists()
+
+
+def test_the_ratio_interval_brackets_the_median_ratio_and_is_reproducible():
+    from cats_overhead import Timings
+
+    constant = Timings({"a": [2.0, 4.0, 6.0], "b": [1.0, 2.0, 3.0]}, {})
+    assert constant.ratio("a", "b") == 2.0 and constant.ratio_interval("a", "b") == (2.0, 2.0)
+    rounds = [1.0 + 0.01 * (i % 7) for i in range(60)]
+    spread = Timings({"a": rounds, "b": [1.0] * 60}, {})
+    low, high = spread.ratio_interval("a", "b")
+    assert low <= spread.ratio("a", "b") <= high and low < high
+    assert (low, high) == spread.ratio_interval("a", "b")
+    assert 1.0 <= low and high <= 1.06

@@ -12,9 +12,11 @@ inputs and the output gradients, writing them into the rows of ``G`` ``[K, P]``.
 operations are those of one ordinary backward pass (the weight-gradient products are cut into
 ``K`` row blocks); what it saves is the fixed cost of every extra pass, which a task with one or
 two sentences in the batch pays in full (about 25 ms per pass for the demo model on 2 cores).
-Measured against one pass per task (``docs/performance.md``): the same cost at K = 4 (the hooks,
-``G`` and the Gram matrix cost about what the extra passes did), and less as K grows — CATS at
-K = 16 costs 1.36x the scalar balancer instead of 1.66x.
+Measured (``docs/performance.md``): CATS with α updated every step costs 1.08x the scalar
+balancer at K = 2 and 4, 1.21x at K = 16 (one pass per task: 1.08x → 1.66x). What remains is the
+weight-gradient products cut into ``K`` blocks, the per-task bias and LayerNorm sums, the Python
+hooks (about 20 ms of a 220 ms demo forward and backward) and the ``K x P`` Gram matrix and
+direction (about 3 ms, :func:`polycats.balance.task_gradients.gram_matrix`).
 
 Supported parameters: those of ``nn.Linear``, ``nn.LayerNorm`` (with affine weight and bias) and
 ``nn.Embedding`` modules, and weights passed to a :class:`TiedProjection` (our output projection
@@ -27,7 +29,7 @@ trainer falls back to sub-batches otherwise.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +105,7 @@ class TaskSplit:
 
     # ------------------------------------------------------------------ hooks
 
-    def _hooks(self) -> list[tuple[nn.Module, object]]:
+    def _hooks(self) -> list[tuple[nn.Module, Callable]]:
         hooks = []
         for module in self.model.modules():
             if isinstance(module, nn.Linear):
@@ -130,8 +132,8 @@ class TaskSplit:
 
     def _add_row_sums(self, param: Tensor | None, values: Tensor) -> None:
         """Each task's sum of ``values`` ``[rows, ..., *param.shape]`` over its rows (or tokens)
-        into its gradient of ``param``: one reduction per task over its contiguous rows (a
-        per-row sum followed by ``index_add_`` reduces over a middle dimension, ~3x slower)."""
+        into its gradient of ``param``: one reduction per task over its contiguous rows (a sum
+        per row over the middle dimension, then ``index_add_``, measured up to 2x slower)."""
         if param is None or param not in self.offsets:
             return
         dims = tuple(range(values.dim() - param.dim()))
