@@ -83,7 +83,6 @@ class TaskSplit:
         tokens = torch.zeros(num_tasks, dtype=torch.long).index_add_(0, row_tasks, row_tokens.long()).tolist()
         self._row_segments = _segments(rows)
         self._token_segments = _segments(tokens)
-        self._absent = [task for task, count in enumerate(rows) if count == 0]
         if out is not self._out:
             self._out = out
             self._blocks = {param: out[:, start : start + param.numel()] for param, start in self.offsets.items()}
@@ -122,13 +121,17 @@ class TaskSplit:
         """``(task, start, end)`` along dim 0 of an activation of this batch, present tasks only."""
         return self._row_segments if x.dim() >= 3 else self._token_segments
 
-    def _first_write(self, param: Tensor) -> bool:
+    def _first_write(self, param: Tensor, segments: list[tuple[int, int, int]]) -> bool:
         """True once per pass for each collected parameter: its block of ``out`` still holds
-        whatever was there before, to be overwritten rather than added to."""
-        if param in self._unwritten:
-            self._unwritten.discard(param)
-            return True
-        return False
+        whatever was there before, so the rows of the tasks in ``segments`` are to be overwritten
+        rather than added to; the other tasks' rows are zeroed here."""
+        if param not in self._unwritten:
+            return False
+        self._unwritten.discard(param)
+        views = self._views[param]
+        for task in set(range(len(views))) - {task for task, _, _ in segments}:
+            views[task].zero_()
+        return True
 
     def _add_row_sums(self, param: Tensor | None, values: Tensor) -> None:
         """Each task's sum of ``values`` ``[rows, ..., *param.shape]`` over its rows (or tokens)
@@ -138,30 +141,26 @@ class TaskSplit:
             return
         dims = tuple(range(values.dim() - param.dim()))
         views = self._views[param]
-        first = self._first_write(param)
-        for task, start, end in self._segments(values):
+        segments = self._segments(values)
+        first = self._first_write(param, segments)
+        for task, start, end in segments:
             if first:
                 torch.sum(values[start:end], dims, out=views[task])
             else:
                 views[task].add_(values[start:end].sum(dims))
-        if first:
-            for task in self._absent:
-                views[task].zero_()
 
     def _linear_sums(self, x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if weight in self.offsets:
             views = self._views[weight]
-            first = self._first_write(weight)
-            for task, start, end in self._segments(x):
+            segments = self._segments(x)
+            first = self._first_write(weight, segments)
+            for task, start, end in segments:
                 xs = x[start:end].reshape(-1, x.shape[-1]).to(grad.dtype)
                 gs = grad[start:end].reshape(-1, grad.shape[-1])
                 if first:
                     torch.mm(gs.T, xs, out=views[task])
                 else:
                     views[task].addmm_(gs.T, xs)
-            if first:
-                for task in self._absent:
-                    views[task].zero_()
         self._add_row_sums(bias, grad)
 
     def _on_linear(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -193,10 +192,12 @@ class TaskSplit:
                 return
             if module.padding_idx is not None:  # nn.Embedding never updates the padding row
                 grad = grad * (ids != module.padding_idx).unsqueeze(-1).to(grad.dtype)
-            if self._first_write(module.weight):
-                self._blocks[module.weight].zero_()
             views = self._views[module.weight]
-            for task, start, end in self._segments(grad):
+            segments = self._segments(grad)
+            if self._first_write(module.weight, segments):
+                for task, _, _ in segments:  # index_add_ below only adds
+                    views[task].zero_()
+            for task, start, end in segments:
                 views[task].index_add_(0, ids[start:end].reshape(-1), grad[start:end].reshape(-1, grad.shape[-1]))
 
         # The weights do not require grad here, so the lookup is where the graph starts.
