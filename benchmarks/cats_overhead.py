@@ -2,10 +2,11 @@
 
 Time: all trainers live in one process and take turns on the same batches (scalar step, CATS
 step, next batch...), and the ratio is the median of the per-batch ratios — robust to other load
-on the machine, which slows both alike — with a 95% bootstrap interval over the rounds. Peak RSS: each method alone in its own process. CATS pays
-for its per-task forward/backward passes and the Gram matrix from the first update;
-``warmup_steps=0`` makes it also pay for the α update every step; ``cats/2`` and ``cats/10``
-update α every 2 or 10 steps and run per-task passes on those steps only.
+on the machine, which slows both alike — with a 95% bootstrap interval over the rounds. Peak
+RSS: each method alone in its own process. CATS pays for its per-task gradients and the Gram
+matrix from the first update; ``warmup_steps=0`` makes it also pay for the α update every step;
+``cats/2`` and ``cats/10`` update α every 2 or 10 steps and collect per-task gradients on those
+steps only.
 
 The machinery takes any set of methods (name → ``--set`` overrides); ``balancer_cost.py`` uses it
 for the peers and for the growth with the number of languages.
