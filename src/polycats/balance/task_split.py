@@ -81,8 +81,8 @@ class TaskSplit:
             raise ValueError("TaskSplit.collect needs the batch's rows sorted by task")
         rows = torch.bincount(row_tasks, minlength=num_tasks).tolist()
         tokens = torch.zeros(num_tasks, dtype=torch.long).index_add_(0, row_tasks, row_tokens.long()).tolist()
-        self._row_segments = _segments(rows)
-        self._token_segments = _segments(tokens)
+        self._row_segments = _task_segments(rows)
+        self._token_segments = _task_segments(tokens)
         if out is not self._out:
             self._out = out
             self._blocks = {param: out[:, start : start + param.numel()] for param, start in self.offsets.items()}
@@ -206,7 +206,7 @@ class TaskSplit:
         return output
 
 
-def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+def _task_segments(counts: list[int]) -> list[tuple[int, int, int]]:
     """``(task, start, end)`` of each task with a nonzero count, in order."""
     segments, start = [], 0
     for task, count in enumerate(counts):
