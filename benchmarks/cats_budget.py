@@ -6,12 +6,14 @@ Four seeded cases drive ``CATS`` through its public API with the default options
 * ``equal noisy``: two tasks of equal size, g_i = e_i + noise (P = 32), 8,000 updates;
 * ``T=5 shares``: K = 4 tasks with T=5-like token shares (.316/.316/.184/.184) of noisy
   gradients, 8,000 updates;
-* ``quadratic SGD``: SGD on two quadratic tasks (a sharp and a flat one) with gradient noise,
+* ``quadratic SGD``: SGD on two quadratic tasks (a sharp and a flat one) with gradient noise
+  whose covariance is proportional to each task's Hessian (as the Fisher of per-example gradients),
   6,000 steps; also the top eigenvalue of the α-weighted Hessian ``Σ α_i H_i`` (mean over the
   last 1,000 steps) against α = 1.
 
 Prints one markdown row per case: final and largest λ, the mean of ``max_i |Δα_i|`` per update
-over the last 1,000 updates, the final α. Run: ``python benchmarks/cats_budget.py``.
+over the last 1,000 updates, the final α. Run: ``python benchmarks/cats_budget.py``
+(``--gram-decay 0`` for α updates from each batch's own Gram matrix).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 
 from polycats.balance.base import TaskStats
 from polycats.balance.cats import CATS
+
+OPTIONS: dict[str, float] = {}  # CATS options from the command line
 
 
 def trajectory(cats: CATS, next_stats, updates: int) -> dict[str, object]:
@@ -52,12 +56,12 @@ def noisy_rows(means: np.ndarray, noise: float, seed: int):
 def fixed_gram() -> dict[str, object]:
     rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # Gram diag(4, 1)
     stats = TaskStats(torch.ones(2), torch.ones(2), rows)
-    return trajectory(CATS(["hi", "lo"], warmup_steps=0), lambda step, alpha: stats, 6000)
+    return trajectory(CATS(["hi", "lo"], warmup_steps=0, **OPTIONS), lambda step, alpha: stats, 6000)
 
 
 def equal_noisy() -> dict[str, object]:
     means = np.eye(2, 32)
-    return trajectory(CATS(["a", "b"], warmup_steps=0), noisy_rows(means, 0.3, 1), 8000)
+    return trajectory(CATS(["a", "b"], warmup_steps=0, **OPTIONS), noisy_rows(means, 0.3, 1), 8000)
 
 
 def temperature_five_shares() -> dict[str, object]:
@@ -71,7 +75,7 @@ def temperature_five_shares() -> dict[str, object]:
         grads = shares[:, None] * (directions + 0.3 * generator.standard_normal(means.shape))
         return TaskStats(torch.ones(4), torch.tensor(shares), torch.tensor(grads))
 
-    return trajectory(CATS(["h1", "h2", "l1", "l2"], warmup_steps=0), stats, 8000)
+    return trajectory(CATS(["h1", "h2", "l1", "l2"], warmup_steps=0, **OPTIONS), stats, 8000)
 
 
 SHARP = np.diag([9.0, 1.0])
@@ -86,12 +90,14 @@ def top_eigenvalue(alpha: np.ndarray) -> float:
 def quadratic_sgd(lr: float = 0.02, steps: int = 6000) -> dict[str, object]:
     generator = np.random.default_rng(4)
     theta = np.array([2.0, -1.0])
-    cats = CATS(["sharp", "flat"], warmup_steps=0)
+    cats = CATS(["sharp", "flat"], warmup_steps=0, **OPTIONS)
     lams, alphas = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(steps):
-            grads = np.stack([SHARP @ theta, FLAT @ (theta - FLAT_CENTRE)]) + 0.3 * generator.standard_normal((2, 2))
+            # Gradient noise with covariance ∝ the task's Hessian (the Fisher, as for per-example gradients).
+            noise = 0.3 * np.stack([np.sqrt(np.diag(SHARP)), np.sqrt(np.diag(FLAT))]) * generator.standard_normal((2, 2))
+            grads = np.stack([SHARP @ theta, FLAT @ (theta - FLAT_CENTRE)]) + noise
             losses = torch.tensor([0.5 * theta @ SHARP @ theta, 0.5 * (theta - FLAT_CENTRE) @ FLAT @ (theta - FLAT_CENTRE)])
             direction = cats.combine(TaskStats(losses, torch.ones(2), torch.tensor(grads)))
             theta = theta - lr * direction.numpy()
@@ -111,7 +117,11 @@ CASES = {"diag(4,1)": fixed_gram, "equal noisy": equal_noisy, "T=5 shares": temp
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gram-decay", type=float, default=None, help="cats.gram_decay (default: CATS's default)")
+    args = parser.parse_args()
+    if args.gram_decay is not None:
+        OPTIONS["gram_decay"] = args.gram_decay
     print("| case | λ final | λ max | mean max|Δα| per update (last 1,000) | α final | top eigenvalue of Σα_iH_i, last 1,000 (α = 1) |")
     print("|---|---|---|---|---|---|")
     for name, case in CASES.items():

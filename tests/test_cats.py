@@ -21,9 +21,12 @@ import polycats.balance.cats as cats_module
 from polycats.balance.base import Balancer, TaskStats
 from polycats.balance.cats import (
     CATS,
+    CatsBudgetWarning,
     CatsCollapseWarning,
     CatsConfig,
+    CatsOscillationWarning,
     CurvatureProbeMissing,
+    least_energy_weights,
     project_onto_floor_simplex,
     sketch_error_bound,
 )
@@ -57,7 +60,8 @@ def test_config_defaults_follow_the_spec():
     )
     assert (config.lr_alpha, config.lr_lambda, config.inner_steps) == (0.01, 0.1, 5)
     assert (config.rho, config.epsilon, config.alpha_min) == (0.5, None, 0.05)
-    assert (config.update_every, config.warmup_steps, config.ema_decay) == (1, 200, 0.9)
+    assert (config.update_every, config.warmup_steps, config.ema_decay, config.gram_decay) == (1, 200, 0.9, 0.9)
+    assert (config.oscillation_warn, config.valid_sentences) == (0.2, 64)
     assert config.sketch_dim is None
 
 
@@ -65,6 +69,10 @@ def test_config_defaults_follow_the_spec():
     "field, value",
     [
         ("rho", 0.0),
+        ("rho", 1.5),
+        ("gram_decay", 1.0),
+        ("oscillation_warn", 0.0),
+        ("valid_sentences", 0),
         ("epsilon", -1.0),
         ("alpha_min", 1.0),
         ("alpha_min", -0.1),
@@ -173,19 +181,31 @@ def quadratic_stats(theta: torch.Tensor) -> TaskStats:
 THETA = torch.tensor([0.3, 0.3, 0.0])
 
 
-def constrained_optimum(stats: TaskStats, objective: str, epsilon: float, alpha_min: float):
-    """Brute force over the segment α = (x, 2 − x): the objective's minimiser subject to
-    αᵀM̃α <= ε (M̃ = M / ‖Σ g‖²; the EMA equals it when the gradients do not change)."""
+def segment(stats: TaskStats, alpha_min: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The set A for two tasks, α = (x, 2 − x) on a fine grid, with M̃ = M / ‖Σ g‖² (the EMA
+    equals it when the gradients do not change) and c(α) = αᵀM̃α at each point."""
     gram = (stats.grads @ stats.grads.T).double()
     scaled = gram / gram.sum()
     x = torch.linspace(alpha_min, 2 - alpha_min, 400_001, dtype=torch.float64)
     alpha = torch.stack([x, 2 - x], 1)
+    return alpha, scaled, torch.einsum("ni,ij,nj->n", alpha, scaled, alpha)
+
+
+def relative_budget(stats: TaskStats, rho: float, alpha_min: float) -> tuple[float, float]:
+    """Brute force ``c_min`` over the segment and the budget ``c_min + ρ (c(1) − c_min)``."""
+    _, scaled, energy = segment(stats, alpha_min)
+    least = float(energy.min())
+    return least, least + rho * (float(scaled.sum()) - least)
+
+
+def constrained_optimum(stats: TaskStats, objective: str, epsilon: float, alpha_min: float):
+    """Brute force over the segment: the objective's minimiser subject to αᵀM̃α <= ε."""
+    alpha, scaled, energy = segment(stats, alpha_min)
     if objective == "lookahead":
         value = -(alpha @ scaled.sum(1))
     else:
         value = alpha @ (stats.losses.double() / stats.losses.double().mean())
-    feasible = torch.einsum("ni,ij,nj->n", alpha, scaled, alpha) <= epsilon
-    value[~feasible] = math.inf
+    value[energy > epsilon] = math.inf
     return alpha[int(torch.argmin(value))]
 
 
@@ -209,30 +229,36 @@ def test_tight_budget_binds_and_moves_weight_from_the_sharp_task(objective, para
         cats.combine(stats)
     alpha = cats.alpha
     logged = cats.log_values()
-    assert 0.5 * energy < energy  # ε = ρ·‖Σ g‖² is below the unscaled energy
-    assert logged["cats/constraint"] == pytest.approx(0.5, abs=1e-4)  # αᵀM̃α ≈ ε̃
+    least, epsilon = relative_budget(stats, 0.5, 0.05)
+    assert least < epsilon < 1.0  # reachable, and below the unscaled energy c(1) = 1
+    assert logged["cats/least_energy"] == pytest.approx(least, abs=1e-9)
+    assert logged["cats/uniform_energy"] == pytest.approx(1.0, abs=1e-12)
+    assert logged["cats/epsilon"] == pytest.approx(epsilon, abs=1e-9)
+    assert logged["cats/constraint"] == pytest.approx(epsilon, abs=1e-4)  # αᵀM̃α ≈ ε̃
     assert cats.lam > 0 and logged["cats/active"] == 1.0
     assert float(alpha[0]) < 1.0 < float(alpha[1])
-    expected = constrained_optimum(stats, objective, 0.5, 0.05)
+    expected = constrained_optimum(stats, objective, epsilon, 0.05)
     torch.testing.assert_close(alpha, expected, atol=2e-4, rtol=0)
 
 
 def test_absolute_epsilon_gives_the_same_optimum_as_the_equivalent_rho():
     stats = quadratic_stats(THETA)
     energy = float(stats.grads.sum(0).pow(2).sum())
+    _, epsilon = relative_budget(stats, 0.5, 0.05)
     by_rho = CATS(["hi", "lo"], warmup_steps=0, lr_alpha=0.05)
-    by_epsilon = CATS(["hi", "lo"], warmup_steps=0, lr_alpha=0.05, epsilon=0.5 * energy)
+    by_epsilon = CATS(["hi", "lo"], warmup_steps=0, lr_alpha=0.05, epsilon=epsilon * energy)
     for _ in range(300):
         by_rho.combine(stats)
         by_epsilon.combine(stats)
     torch.testing.assert_close(by_rho.alpha, by_epsilon.alpha, atol=1e-6, rtol=0)
-    assert by_epsilon.log_values()["cats/epsilon"] == pytest.approx(0.5, rel=1e-6)
+    assert by_epsilon.log_values()["cats/epsilon"] == pytest.approx(epsilon, rel=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["lookahead", "loss"])
 def test_huge_budget_leaves_lambda_at_zero_and_alpha_follows_the_objective(objective):
     stats = quadratic_stats(THETA)
-    cats = CATS(["hi", "lo"], objective=objective, rho=1e6, warmup_steps=0)
+    energy = float(stats.grads.sum(0).pow(2).sum())
+    cats = CATS(["hi", "lo"], objective=objective, epsilon=1e6 * energy, warmup_steps=0)
     with pytest.warns(CatsCollapseWarning):  # sitting on a vertex of A for long is reported
         for _ in range(300):
             cats.combine(stats)
@@ -242,6 +268,182 @@ def test_huge_budget_leaves_lambda_at_zero_and_alpha_follows_the_objective(objec
     expected = constrained_optimum(stats, objective, math.inf, 0.05)
     torch.testing.assert_close(expected, torch.tensor([1.95, 0.05], dtype=torch.float64))
     torch.testing.assert_close(cats.alpha, expected, atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------------------- a budget it can meet
+
+
+def least_energy_by_active_sets(matrix: np.ndarray, floor: float, total: float) -> float:
+    """Brute force: for every set of coordinates held at the floor, the equality-constrained
+    minimum of αᵀCα on the others (a KKT solve); the least energy over the feasible ones."""
+    k = matrix.shape[0]
+    best = math.inf
+    for held in itertools.product([False, True], repeat=k):
+        free = [i for i in range(k) if not held[i]]
+        if not free:
+            continue
+        alpha = np.full(k, floor)
+        rest = total - floor * (k - len(free))
+        n = len(free)
+        kkt = np.zeros((n + 1, n + 1))
+        kkt[:n, :n] = 2 * matrix[np.ix_(free, free)]
+        kkt[:n, n] = kkt[n, :n] = 1.0
+        rhs = np.append(-2 * matrix[np.ix_(free, [i for i in range(k) if held[i]])].sum(1) * floor, rest)
+        alpha[free] = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
+        if alpha.min() >= floor - 1e-9:
+            best = min(best, float(alpha @ matrix @ alpha))
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 5).flatmap(
+        lambda k: st.tuples(
+            st.lists(st.floats(-3, 3), min_size=k * 3, max_size=k * 3).map(lambda v: np.array(v).reshape(k, 3)),
+            st.floats(0.0, 0.9),
+        )
+    )
+)
+def test_least_energy_weights_are_the_minimum_over_the_alpha_set(problem):
+    rows, floor = problem
+    k = rows.shape[0]
+    matrix = rows @ rows.T  # PSD, often singular (rank <= 3)
+    alpha = least_energy_weights(matrix, floor, float(k))
+    assert alpha.min() >= floor - 1e-12 and alpha.sum() == pytest.approx(k, abs=1e-9)
+    value = float(alpha @ matrix @ alpha)
+    assert value <= least_energy_by_active_sets(matrix, floor, float(k)) + 1e-9 * (1 + np.abs(matrix).max())
+    # Never above what equal weights reach (the starting point of the method).
+    assert value <= float(np.ones(k) @ matrix @ np.ones(k)) + 1e-9
+
+
+def settling(cats: CATS, next_stats, updates: int) -> tuple[float, float]:
+    """Run ``updates`` combine steps; the largest λ seen and the mean of max_i |Δα_i| over the
+    last 200 updates."""
+    lams, alphas = [], []
+    for step in range(updates):
+        cats.combine(next_stats(step))
+        lams.append(cats.lam)
+        alphas.append(cats.alpha.numpy())
+    moves = np.abs(np.diff(np.array(alphas), axis=0)).max(axis=1)
+    return max(lams), float(moves[-200:].mean())
+
+
+def noisy_stats(means: np.ndarray, noise: float, seed: int, tokens=None):
+    generator = np.random.default_rng(seed)
+    k = len(means)
+    counts = torch.ones(k) if tokens is None else torch.tensor(tokens)
+
+    def stats(step: int) -> TaskStats:
+        grads = means + noise * generator.standard_normal(means.shape) * np.linalg.norm(means, axis=1, keepdims=True)
+        return TaskStats(torch.ones(k), counts, torch.tensor(grads))
+
+    return stats
+
+
+# Before the reachable budget (ε̃ = ρ, unreachable when tasks carry similar energy), λ grew
+# linearly in all four (to 1.9e3-7.4e3 after 6,000-8,000 updates) and α flipped between the floor
+# and its maximum every update (benchmarks/cats_budget.py).
+@pytest.mark.parametrize(
+    "case",
+    ["fixed diag(4,1)", "two equal noisy tasks", "K=4 T=5-like shares", "noisy SGD on quadratics"],
+)
+def test_lambda_stays_bounded_and_alpha_settles_when_tasks_carry_similar_energy(case):
+    if case == "fixed diag(4,1)":
+        rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        lam, move = settling(CATS(["hi", "lo"], warmup_steps=0), lambda step: TaskStats(torch.ones(2), torch.ones(2), rows), 2000)
+    elif case == "two equal noisy tasks":
+        lam, move = settling(CATS(["a", "b"], warmup_steps=0), noisy_stats(np.eye(2, 32), 0.3, 1), 2000)
+    elif case == "K=4 T=5-like shares":
+        shares = np.array([0.316, 0.316, 0.184, 0.184])
+        directions = np.random.default_rng(2).standard_normal((4, 64))
+        means = shares[:, None] * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+        lam, move = settling(CATS(list("abcd"), warmup_steps=0), noisy_stats(means, 0.3, 3, shares), 2000)
+    else:
+        sharp, flat, centre = np.diag([9.0, 1.0]), np.diag([1.0, 1.5]), np.array([1.0, 1.0])
+        generator = np.random.default_rng(4)
+        state = {"theta": np.array([2.0, -1.0])}
+        cats = CATS(["sharp", "flat"], warmup_steps=0)
+
+        def stats(step: int) -> TaskStats:
+            theta = state["theta"]
+            noise = 0.3 * np.sqrt(np.stack([np.diag(sharp), np.diag(flat)])) * generator.standard_normal((2, 2))
+            grads = np.stack([sharp @ theta, flat @ (theta - centre)]) + noise
+            state["theta"] = theta - 0.02 * (cats.alpha.numpy() @ grads)  # α of this step, as combine returns it
+            return TaskStats(torch.ones(2), torch.ones(2), torch.tensor(grads))
+
+        lam, move = settling(cats, stats, 2000)
+    assert lam < 5.0
+    assert move < 0.01
+
+
+def test_the_fixed_two_task_budget_meets_its_analytic_optimum():
+    """Gram diag(4, 1): M̃ = diag(.8, .2); least energy at α = (.4, 1.6), c_min = .64; ρ = .5 gives
+    ε̃ = .82 and lookahead's optimum where 0.8a² + 0.2b² = .82, a + b = 2: b = 1.6 − √.18."""
+    rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    cats = CATS(["hi", "lo"], warmup_steps=0)
+    for _ in range(3000):
+        cats.combine(TaskStats(torch.ones(2), torch.ones(2), rows))
+    logged = cats.log_values()
+    assert logged["cats/least_energy"] == pytest.approx(0.64, abs=1e-12)
+    assert logged["cats/epsilon"] == pytest.approx(0.82, abs=1e-12)
+    b = (3.2 - math.sqrt(3.2**2 - 4 * 2.38)) / 2
+    torch.testing.assert_close(cats.alpha, torch.tensor([2 - b, b], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_a_zero_gradient_first_batch_does_not_set_the_energy_scale():
+    grads = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.5], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    stats = TaskStats(torch.tensor([1.0, 2.0, 1.5]), torch.ones(3), grads)
+    zero = TaskStats(torch.tensor([1.0, 2.0, 1.5]), torch.ones(3), torch.zeros(3, 3, dtype=torch.float64))
+    after_zero = CATS(list("abc"), warmup_steps=0, lr_alpha=0.05)
+    clean = CATS(list("abc"), warmup_steps=0, lr_alpha=0.05)
+    after_zero.combine(zero)
+    assert after_zero.alpha.tolist() == [1.0, 1.0, 1.0] and after_zero.lam == 0.0
+    for _ in range(5):
+        after_zero.combine(stats)
+        clean.combine(stats)
+    torch.testing.assert_close(after_zero.alpha, clean.alpha, atol=1e-12, rtol=0)
+    assert after_zero.lam == pytest.approx(clean.lam, abs=1e-12)
+    assert after_zero.log_values()["cats/grad_sq_ema"] == pytest.approx(float(grads.sum(0).pow(2).sum()))
+
+
+def test_oscillation_is_reported():
+    rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    cats = CATS(["hi", "lo"], warmup_steps=0, lr_alpha=3.0, lr_lambda=20.0, inner_steps=1, floor_warn_steps=1000)
+    with pytest.warns(CatsOscillationWarning, match="oscillating"):
+        for _ in range(40):
+            cats.combine(TaskStats(torch.ones(2), torch.ones(2), rows))
+    logged = cats.log_values()
+    assert logged["cats/oscillation_warning"] == 1.0 and logged["cats/alpha_move"] > 0.2
+    calm = CATS(["hi", "lo"], warmup_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CatsOscillationWarning)
+        for _ in range(40):
+            calm.combine(TaskStats(torch.ones(2), torch.ones(2), rows))
+    assert calm.log_values()["cats/oscillation_warning"] == 0.0
+
+
+def test_an_absolute_budget_below_the_least_energy_is_reported():
+    rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # energy 5, least 0.64 · 5 = 3.2
+    with pytest.warns(CatsBudgetWarning, match="below the least"):
+        cats = CATS(["hi", "lo"], warmup_steps=0, epsilon=3.0)
+        cats.combine(TaskStats(torch.ones(2), torch.ones(2), rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CatsBudgetWarning)
+        CATS(["hi", "lo"], warmup_steps=0, epsilon=3.5).combine(TaskStats(torch.ones(2), torch.ones(2), rows))
+
+
+def test_non_finite_steps_are_not_counted_by_the_schedule():
+    rows = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    good = TaskStats(torch.ones(2), torch.ones(2), rows)
+    bad_loss = TaskStats(torch.tensor([1.0, math.nan]), torch.ones(2), rows)
+    bad_grad = TaskStats(torch.ones(2), torch.ones(2), rows * math.nan)
+    cats = CATS(["a", "b"], warmup_steps=2, update_every=2)
+    for stats in [good, bad_loss, good, bad_grad, good]:
+        cats.combine(stats)
+    cats.observe_losses(torch.tensor([math.inf, 1.0]), torch.ones(2))
+    cats.observe_losses(torch.ones(2), torch.ones(2))
+    assert cats.steps == 4  # the three finite combine steps and the finite weighted one
+    assert cats.log_values()["cats/updates"] == 1.0  # step index 2, the third finite step
 
 
 # ---------------------------------------------------------------------------- invariants
@@ -263,7 +465,7 @@ def cats_problems(draw):
         constraint=draw(st.sampled_from(["combined", "per_task", "hvp"])),
         parametrisation=draw(st.sampled_from(["projected", "softmax"])),
         alpha_min=draw(st.floats(0.0, 0.9)),
-        rho=draw(st.floats(0.01, 10)),
+        rho=draw(st.floats(0.01, 1)),
         lr_alpha=draw(st.floats(1e-3, 2.0)),
         lr_lambda=draw(st.floats(1e-3, 10.0)),
         inner_steps=draw(st.integers(1, 5)),
@@ -393,11 +595,20 @@ def test_training_gradient_equals_autograd_of_the_alpha_weighted_loss(present):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
 
 
-def test_per_task_gradients_of_parameters_in_another_dtype_than_the_matrix():
+def test_per_task_gradients_follow_the_parameters_dtype_and_never_go_below_float32():
     theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    stats = per_task_gradients([theta], [lambda: (theta**2).sum(), None, lambda: 3 * theta.sum()])
-    torch.testing.assert_close(stats.grads, torch.tensor([[2.0, -4.0], [0.0, 0.0], [3.0, 3.0]]))
+    third = 1 / 3  # not representable in float32: a float32 matrix would round it
+    stats = per_task_gradients([theta], [lambda: (theta**2).sum(), None, lambda: third * theta.sum()])
+    assert stats.grads.dtype == torch.float64
+    torch.testing.assert_close(stats.grads, torch.tensor([[2.0, -4.0], [0.0, 0.0], [third, third]], dtype=torch.float64),
+                               atol=0, rtol=0)
     assert theta.grad is None
+    # Mixed dtypes: the widest wins and the narrower parameter goes through a copy.
+    weight = torch.tensor([0.5], dtype=torch.bfloat16, requires_grad=True)
+    mixed = per_task_gradients([theta, weight], [lambda: third * theta.sum() + weight.float().sum() * 2])
+    assert mixed.grads.dtype == torch.float64
+    torch.testing.assert_close(mixed.grads, torch.tensor([[third, third, 2.0]], dtype=torch.float64), atol=0, rtol=0)
+    assert per_task_gradients([weight], [lambda: weight.float().sum()]).grads.dtype == torch.float32
 
 
 def test_per_task_sub_batch_gradients_sum_to_the_full_batch_gradient():
@@ -485,7 +696,7 @@ def test_hvp_with_constant_curvature_is_the_combined_constraint():
         torch.testing.assert_close(seen[-1], alpha_before @ grads)  # probed at the current d
     torch.testing.assert_close(hvp.alpha, combined.alpha, atol=1e-12, rtol=0)
     logged = hvp.log_values()
-    assert logged["cats/curvature"] == 3.0 and logged["cats/curvature_scale"] == 1.0
+    assert logged["cats/curvature"] == 3.0 and logged["cats/curvature_scale"] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_hvp_sharper_step_tightens_the_budget():
@@ -665,7 +876,10 @@ def test_log_values_report_alpha_lambda_and_the_constraint():
         "cats/skipped_nonfinite",
     ]:
         assert isinstance(logged[key], float), key
-    assert logged["cats/epsilon"] == 0.5
+    assert logged["cats/uniform_energy"] == pytest.approx(1.0)
+    assert logged["cats/epsilon"] == pytest.approx(
+        logged["cats/least_energy"] + 0.5 * (logged["cats/uniform_energy"] - logged["cats/least_energy"])
+    )
 
 
 def test_module_docstring_examples_run():

@@ -1,142 +1,18 @@
-"""CATS — Curvature Aware Task Scaling (Li & Gong, NeurIPS 2021); the reference is ``docs/cats.md``.
+"""CATS — Curvature Aware Task Scaling (Li & Gong, NeurIPS 2021). The formulation, its options and
+why they are what they are: ``docs/cats.md``.
 
-CATS learns one scale ``α_i`` per task and trains on ``Σ_i α_i S_i / N``, i.e. on the direction
-``d = Σ_i α_i g_i`` (``g_i = ∇(S_i / N)``, so ``Σ_i g_i`` is the usual gradient). ``α`` starts at 1
-(exactly the sampler's baseline) and lives in
+Contract: CATS keeps one scale ``α_i`` per task in ``A = {α : α_i >= α_min, mean(α) = 1}``
+(starting at 1) and trains on ``d = Σ_i α_i g_i``. Each α update reads only the ``[K]`` mean task
+losses ``L`` and the ``[K, K]`` Gram matrix ``M`` of the per-task gradients and takes primal-dual
+steps on ``min f(α) s.t. αᵀCα <= ε̃`` with ``ε̃`` always reachable (``c_min + ρ (c_1 − c_min)``).
+α stays in ``A``, λ >= 0 and both stay finite whatever the input; non-finite statistics are
+skipped, counted, and not counted as steps of the warm-up/``update_every`` schedule. Collapse onto
+the floor (:class:`CatsCollapseWarning`), oscillation (:class:`CatsOscillationWarning`) and an
+absolute budget below reach (:class:`CatsBudgetWarning`) are reported, never hidden.
 
-    A = {α : α_i >= α_min, mean(α) = 1},
-
-so the overall step size is unchanged and only the balance between tasks moves. Everything the
-update needs is the ``[K]`` vector of mean task losses ``L`` and the ``[K, K]`` Gram matrix
-``M = G Gᵀ`` (``M_ij = g_i · g_j``); nothing larger is kept between steps.
-
-Formulation (scale-free form)
------------------------------
-Let ``e`` be an exponential moving average (decay ``ema_decay``, initialised with the first value)
-of ``‖Σ_i g_i‖² = 1ᵀ M 1``, folded in on every training step (every ``observe`` for
-``source="valid"``). The update works with ``M̃ = M / e`` (``M̃ = 0`` while ``e = 0``), so that the
-step sizes do not depend on the model, and with the budget ``ε̃ = ρ`` (relative, default: the
-absolute budget is ``ρ·e``) or ``ε̃ = epsilon / e`` when an absolute ``epsilon`` is configured.
-
-``objective="lookahead"`` (default): the first-order decrease of all task losses after the step
-is ``η 1ᵀ M α``; maximise it under the curvature budget::
-
-    minimise_{α ∈ A}  −1ᵀ M̃ α     s.t.  c(α) <= ε̃          ∇ objective = −M̃ 1
-
-Only ``M`` is needed. Alone (huge ``ε``) this linear objective puts all weight on the task with
-the largest ``(M 1)_i``; with the budget binding, the optimum moves weight to tasks whose
-gradients carry little of the total energy (the LoRes tasks, in the pre-study).
-
-``objective="loss"`` (the weighted-loss reading of public reimplementations)::
-
-    minimise_{α ∈ A}  Σ_i α_i L̃_i  s.t.  c(α) <= ε̃          ∇ objective = L̃
-
-with ``L̃ = L / mean(|L|)`` over the tasks present (``L̃ = 0`` when all those losses are 0).
-A linear objective over ``A`` has its optimum at a vertex and training reinforces it: this
-variant collapses onto one task unless the constraint binds (see "Collapse" below).
-
-The curvature constraint ``c(α) = αᵀ C α`` (``constraint``):
-
-* ``combined`` (reference): ``C = M̃``, i.e. ``‖Σ_i α_i g_i‖² / e`` — under the Gauss–Newton /
-  Fisher view ``H ≈ E[g gᵀ]`` the energy of the combined gradient bounds the curvature the step
-  excites.
-* ``per_task``: ``C = diag(M̃)``, i.e. ``Σ_i α_i² ‖g_i‖² / e`` (cross-task terms ignored).
-* ``hvp`` (our extension): the measured curvature along the step,
-  ``κ = dᵀ H d / ‖d‖²``, from ``curvature_probe(d)`` (one Hessian-vector product) at the
-  direction ``d = Σ α_i g_i`` of the α in force when the update starts. The step's second-order
-  loss change is ``η²/2 · dᵀHd = η²/2 · κ ‖d‖²``; ``combined`` assumes ``κ`` is the same for every
-  step, ``hvp`` replaces that by the measurement relative to its running average:
-  ``C = s · M̃`` with ``s = max(κ, 0) / κ̄`` and ``κ̄`` the EMA (decay ``ema_decay``) of
-  ``max(κ, 0)`` including this probe. ``κ`` is a Rayleigh quotient, invariant to the scale of
-  ``α``, and its α-gradient would need ``H d`` rather than the scalar, so ``s`` is held fixed
-  through the inner steps of one update: the budget tightens when the step points into a
-  sharper-than-usual region and loosens when it is flatter. With a constant curvature ``hvp``
-  is exactly ``combined``. Non-positive ``κ`` (a locally concave direction) gives ``s = 0``.
-  Without a probe (or, for ``update``/``step``, a ``curvature=`` value) the update raises
-  :class:`CurvatureProbeMissing`.
-
-Lagrangian ``J(α, λ) = f(α) + λ (c(α) − ε̃)`` with ``λ >= 0``. Each α update runs
-``inner_steps`` alternating primal-dual steps::
-
-    α ← Proj_A(α − η_α (∇f + 2 λ C α))             (projected, the reference)
-    λ ← max(0, λ + η_λ (c(α) − ε̃))                 (with the α just computed)
-
-``Proj_A`` is the exact Euclidean projection onto ``A``: ``α_i = max(v_i − τ, α_min)`` with the
-shift ``τ`` found by sorting (the simplex projection of Duchi et al. 2008, shifted by ``α_min``),
-not a clamp followed by renormalisation.
-
-``parametrisation="softmax"``: ``α = α_min + (1 − α_min) · K · softmax(a)`` with unconstrained
-logits ``a`` (``a = 0`` gives ``α = 1``) updated by plain gradient steps through that map,
-``∇_a J_j = (α_j − α_min) (∇_α J_j − σᵀ ∇_α J)`` with ``σ = softmax`` over the present tasks.
-The affine shift keeps ``mean(α) = 1`` and enforces the floor strictly (``α_min = 0`` gives the
-plain ``K · softmax(a)``); the floor is approached only asymptotically, so "on the floor" means
-within ``FLOOR_TOLERANCE`` of it.
-
-Absent tasks and degenerate inputs
-----------------------------------
-Only the tasks present in the batch (``tokens > 0``) take part in an update; the others keep their
-α, and the present tasks keep their sum (the projection is onto ``{α_P >= α_min, Σ α_P = const}``;
-in softmax mode the present logits are re-shifted to keep their log-sum-exp), so ``mean(α) = 1``
-still holds exactly and an absent task is neither rewarded nor punished for being absent. With
-fewer than two tasks present (in particular ``K = 1``) there is nothing to balance: α stays as is.
-Zero gradient rows need no special case. If ``L`` (present entries), ``M``, the energy or the probe
-is not finite, the update is skipped and counted (``cats/skipped_nonfinite``); an update that would
-produce a non-finite α or λ is reverted and counted the same way. α is never non-finite.
-
-Schedule and where L and M come from
-------------------------------------
-``source="train"`` (default): ``combine(stats)`` receives this training step's per-task gradients
-(in the trainer from one hooked pass, ``polycats.balance.task_split``; in a plain loop from
-``backward_per_task``); on steps ``t >= warmup_steps`` with ``(t − warmup_steps) % update_every
-== 0`` (``t`` = training steps seen before this one) it updates α from this batch's ``L`` and
-``M`` *first* and then returns ``αᵀ G`` with the new α. On other steps α stays as is and only the
-energy EMA moves. With ``update_every > 1`` the trainer asks ``task_gradients_now()`` and, after
-warm-up, pays for per-task gradients only on α-update steps: the steps between are one backward pass
-of ``Σ α_i S_i / N`` (the same direction), counted by ``observe_losses``, and the energy EMA moves
-on update steps only. So the per-task cost is amortised over ``update_every`` steps.
-
-``source="valid"``: α is updated from statistics on fixed validation batches, not from the
-training batch. The trainer calls, before each training step with 0-based index ``update``::
-
-    if cats.wants_valid_stats(update):                 # same warmup/update_every schedule
-        cats.observe(per_task_gradients(params, valid_closures))   # L_i, g_i on valid batches
-    ...train step with cats.loss_weights() (or combine, which then only applies αᵀG)...
-
-In this mode ``needs_task_gradients`` is False: the training step is one ordinary backward pass of
-``Σ α_i S_i / N``. ``observe(stats)`` can also be called in ``train`` mode: it is "update α now
-from these statistics" without touching the step counter.
-
-Gram sketch
------------
-``sketch_dim=None`` gives the exact ``M = G Gᵀ``. ``sketch_dim=m`` uses a seeded Gaussian
-Johnson–Lindenstrauss projection ``R ∈ R^{m×P}`` with i.i.d. ``N(0, 1/m)`` entries (generated in
-column chunks from ``sketch_seed`` on ``G``'s device, the same ``R`` on every call):
-``M̂ = (G Rᵀ)(G Rᵀ)ᵀ``. ``M̂_ij`` is unbiased with variance ``(M_ij² + M_ii M_jj) / m <= 2
-‖g_i‖² ‖g_j‖² / m``, and for ``0 < δ < 1``, with probability at least
-``1 − 2 K (K+1) exp(−m (δ²/4 − δ³/6))``, every entry satisfies ``|M̂_ij − M_ij| <= δ ‖g_i‖ ‖g_j‖``
-(Dasgupta–Gupta's JL tail for the unit vectors ``g_i/‖g_i‖ ± g_j/‖g_j‖``, then polarisation;
-:func:`sketch_error_bound` inverts it: e.g. ``m = 256, K = 4`` gives ``δ ≈ 0.5`` at failure
-probability 1e-3, while the typical error is ``sqrt(2/m) ≈ 0.09``). ``sketch(g)`` is linear
-and row-wise, so a streaming gradient path may sketch each ``g_i`` as it is produced and keep only
-``K × m`` numbers; ``‖Σ g_i‖²`` for the EMA is always computed exactly.
-
-Observability
--------------
-``log_values()``: ``alpha/<task>``, ``lambda``, ``cats/constraint`` (``c(α)`` at the last
-update, scale-free), ``cats/epsilon`` (``ε̃``), ``cats/active`` (1 when ``λ > 0``: the constraint
-binds), ``cats/grad_sq_ema`` (``e``), ``cats/updates``, ``cats/skipped_nonfinite``,
-``cats/on_floor`` (tasks at the floor now), ``cats/floor_streak`` (longest current run of
-consecutive updates some α sat on the floor), ``cats/floor_updates`` (updates with any α on the
-floor, cumulative), ``cats/floor_warning`` (1 once some α has sat on the floor for
-``floor_warn_steps`` consecutive updates) and, for ``hvp``, ``cats/curvature`` and
-``cats/curvature_scale``.
-
-Collapse
---------
-With ``objective="loss"`` the pre-study saw the HiRes α hit the floor within 200 updates and all
-weight end on one task. That must be visible: when some α has sat on the floor for
-``floor_warn_steps`` consecutive updates, :class:`CatsCollapseWarning` is emitted (once per task
-and episode) and ``cats/floor_warning`` is set.
+The trainer passes each step's per-task gradients to ``combine`` (or, for ``source="valid"``,
+validation statistics to ``observe``); a plain loop uses ``backward_per_task``; losses and a Gram
+matrix alone go to ``step`` (on the schedule) or ``update`` (now).
 
 Example
 -------
@@ -194,6 +70,8 @@ FLOOR_TOLERANCE = 1e-3
 """An α within this distance of ``α_min`` counts as "on the floor" (α has mean 1)."""
 
 _SKETCH_CHUNK_ELEMENTS = 1 << 22  # entries of R generated at a time (16 MiB in float32)
+_MOVE_DECAY = 0.9  # EMA of how far α moves per update: an average over about ten updates
+_MOVE_WINDOW = 10  # updates before the oscillation warning may fire
 
 
 class CurvatureProbeMissing(RuntimeError):
@@ -202,6 +80,14 @@ class CurvatureProbeMissing(RuntimeError):
 
 class CatsCollapseWarning(UserWarning):
     """Some α has sat on the α_min floor for ``floor_warn_steps`` consecutive updates."""
+
+
+class CatsOscillationWarning(UserWarning):
+    """α moves more than ``oscillation_warn`` per update on average: it is not settling."""
+
+
+class CatsBudgetWarning(UserWarning):
+    """An absolute ``epsilon`` is below the least energy any α in the set can reach."""
 
 
 class CatsConfig(BaseModel):
@@ -225,16 +111,27 @@ class CatsConfig(BaseModel):
     lr_alpha: float = Field(0.01, gt=0, description="η_α, primal step size (scale-free units)")
     lr_lambda: float = Field(0.1, gt=0, description="η_λ, dual step size (scale-free units)")
     inner_steps: int = Field(5, ge=1, description="primal-dual steps per α update")
-    rho: float = Field(0.5, gt=0, description="relative budget: ε = ρ · EMA(‖Σ g_i‖²)")
+    rho: float = Field(
+        0.5, gt=0, le=1, description="relative budget: ε = c_min + ρ (c(1) − c_min), from the least-energy α to α = 1"
+    )
     epsilon: float | None = Field(None, gt=0, description="absolute budget ε; overrides rho when set")
     alpha_min: float = Field(0.05, ge=0, lt=1, description="floor of every α_i (mean(α) = 1)")
     update_every: int = Field(1, ge=1, description="update α every this many training steps")
     warmup_steps: int = Field(200, ge=0, description="keep α = 1 for this many training steps")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="decay of the EMA of ‖Σ g_i‖² (and of κ)")
+    gram_decay: float = Field(
+        0.9, ge=0, lt=1, description="α updates use an EMA of the scale-free Gram matrix with this decay (0: the batch's)"
+    )
     sketch_dim: int | None = Field(None, ge=1, description="None: exact Gram; m: JL sketch of size m")
     sketch_seed: int = Field(0, ge=0, description="seed of the JL projection")
     floor_warn_steps: int = Field(
         100, ge=1, description="warn when an α sits on the floor this many consecutive updates"
+    )
+    oscillation_warn: float = Field(
+        0.2, gt=0, description="warn when α moves more than this per update (max over tasks, EMA over ~10 updates)"
+    )
+    valid_sentences: int = Field(
+        64, ge=1, description="source=valid: sentences per task in the fixed, seeded validation sample"
     )
 
 
@@ -266,10 +163,64 @@ def _project(values: np.ndarray, floor: float, total: float) -> np.ndarray:
     return np.maximum(shifted - tau, 0.0) + floor
 
 
+def least_energy_weights(matrix: np.ndarray, floor: float, total: float) -> np.ndarray:
+    """``argmin αᵀCα`` over ``{α : α_i >= floor, Σ α_i = total}`` for a symmetric PSD ``C``.
+
+    A primal active-set method (Nocedal & Wright, Algorithm 16.3): exact up to round-off, at most
+    a few ``(K+1)``-sized least-squares solves. Requires ``total >= K · floor``.
+
+    >>> least_energy_weights(np.diag([4.0, 1.0]), 0.05, 2.0).round(6).tolist()
+    [0.4, 1.6]
+    """
+    k = matrix.shape[0]
+    alpha = np.full(k, total / k)
+    if k == 1 or total - k * floor <= 1e-12 * max(1.0, abs(total)):
+        return alpha
+    at_floor = np.zeros(k, dtype=bool)
+    scale = max(float(np.abs(matrix).max()), 1e-300) * max(1.0, abs(total))
+    for _ in range(4 * k + 8):  # each pass adds or releases one bound; cycling is not expected
+        free = np.flatnonzero(~at_floor)
+        grad = 2 * matrix @ alpha
+        # The best step p on the free coordinates that keeps Σα: 2 C_FF p + ν 1 = −∇_F, 1ᵀp = 0.
+        n = free.size
+        kkt = np.zeros((n + 1, n + 1))
+        kkt[:n, :n] = 2 * matrix[np.ix_(free, free)]
+        kkt[:n, n] = kkt[n, :n] = 1.0
+        solution = np.linalg.lstsq(kkt, np.append(-grad[free], 0.0), rcond=None)[0]
+        step = solution[:n]
+        if np.abs(step).max() <= 1e-12 * max(1.0, abs(total)):
+            # Stationary on the free set (∇_F = −ν 1): a bound whose multiplier ∇_i + ν is negative
+            # would lower the energy if released.
+            multipliers = np.where(at_floor, grad + solution[n], np.inf)
+            worst = int(np.argmin(multipliers))
+            if multipliers[worst] >= -1e-10 * scale:
+                break
+            at_floor[worst] = False
+            continue
+        length, blocking = 1.0, -1
+        for position, index in enumerate(free):
+            if step[position] < 0 and (floor - alpha[index]) / step[position] < length:
+                length, blocking = (floor - alpha[index]) / step[position], index
+        alpha[free] += length * step
+        if blocking >= 0:
+            alpha[blocking] = floor
+            at_floor[blocking] = True
+    return np.maximum(alpha, floor)
+
+
 def _alpha_from_logits(logits: np.ndarray, alpha_min: float) -> np.ndarray:
     """The softmax parametrisation ``α = α_min + (1 − α_min) · K · softmax(a)``."""
     weights = np.exp(logits - logits.max())
     return alpha_min + (1 - alpha_min) * logits.size * weights / weights.sum()
+
+
+def _debiased(raw: float, count: int, decay: float) -> float:
+    """The bias-corrected value of an EMA started at 0 after ``count`` values (0 before any)."""
+    return raw / (1 - decay**count) if count else 0.0
+
+
+def _finite_losses(losses: Tensor, present: Tensor) -> bool:
+    return bool(torch.isfinite(losses.detach().reshape(-1)[present.reshape(-1).bool()]).all())
 
 
 def _logsumexp(values: np.ndarray) -> float:
@@ -306,7 +257,7 @@ class CATS:
     """Curvature Aware Task Scaling: learned per-task scales α of the task gradients.
 
     ``CATS(tasks, config=None, **overrides)``; overrides are :class:`CatsConfig` fields and are
-    validated. See the module docstring for the formulation and the trainer hooks.
+    validated. The formulation, options and trainer hooks: ``docs/cats.md``.
     """
 
     needs_task_gradients: bool = True
@@ -327,10 +278,16 @@ class CATS:
         self._alpha = np.ones(k)
         self._logits = np.zeros(k)
         self._lam = 0.0
-        self._grad_sq_ema = 0.0
+        self._grad_sq_ema = 0.0  # raw EMAs; read through _debiased
         self._grad_sq_count = 0
         self._curvature_ema = 0.0
         self._curvature_count = 0
+        self._move_ema = 0.0
+        self._move_count = 0
+        self._gram_ema = np.zeros((k, k))
+        self._gram_count = np.zeros((k, k), dtype=np.int64)
+        self._oscillation_warned = 0
+        self._budget_warned = 0
         self._steps = 0
         self._updates = 0
         self._skipped_nonfinite = 0
@@ -339,7 +296,9 @@ class CATS:
         self._floor_updates = 0
         self._sketch_seed = self.config.sketch_seed
         self._last_constraint = 0.0
-        self._last_epsilon = self._epsilon_scaled()
+        self._last_epsilon = 0.0
+        self._last_least_energy = 0.0
+        self._last_uniform_energy = 0.0
         self._last_curvature = 0.0
         self._last_curvature_scale = 1.0
 
@@ -372,12 +331,17 @@ class CATS:
         if stats.grads is None:
             raise ValueError("CATS.combine needs per-task gradients (stats.grads is None)")
         grads = stats.grads
+        finite = True
         if self.config.source == "train":
             if self.is_update_step(self._steps):
-                self.observe(stats)
+                finite = self._observe(stats)
             else:
-                self._fold_energy(float(grads.sum(0).pow(2).sum()))
-        self._steps += 1
+                finite = _finite_losses(stats.losses, stats.present) and self._fold_energy(
+                    float(grads.sum(0).pow(2).sum())
+                )
+        # A step with non-finite statistics is skipped by the trainer too: not counting it keeps
+        # the warm-up/update_every schedule on the trainer's update count.
+        self._steps += int(finite)
         return self._direction(grads)
 
     def log_values(self) -> dict[str, float]:
@@ -388,13 +352,17 @@ class CATS:
                 "cats/constraint": self._last_constraint,
                 "cats/epsilon": self._last_epsilon,
                 "cats/active": 1.0 if self._lam > 0 else 0.0,
-                "cats/grad_sq_ema": self._grad_sq_ema,
+                "cats/least_energy": self._last_least_energy,
+                "cats/uniform_energy": self._last_uniform_energy,
+                "cats/grad_sq_ema": self._energy_scale(),
                 "cats/updates": float(self._updates),
                 "cats/skipped_nonfinite": float(self._skipped_nonfinite),
                 "cats/on_floor": float(self._on_floor().sum()),
                 "cats/floor_streak": float(self._floor_streak.max()),
                 "cats/floor_updates": float(self._floor_updates),
                 "cats/floor_warning": float(self._floor_streak.max() >= self.config.floor_warn_steps),
+                "cats/alpha_move": self._alpha_move(),
+                "cats/oscillation_warning": float(self._alpha_move() > self.config.oscillation_warn),
             }
         )
         if self.config.constraint == "hvp":
@@ -412,6 +380,12 @@ class CATS:
             "grad_sq_count": int(self._grad_sq_count),
             "curvature_ema": float(self._curvature_ema),
             "curvature_count": int(self._curvature_count),
+            "gram_ema": torch.tensor(self._gram_ema, dtype=torch.float64),
+            "gram_count": torch.tensor(self._gram_count, dtype=torch.int64),
+            "move_ema": float(self._move_ema),
+            "move_count": int(self._move_count),
+            "oscillation_warned": int(self._oscillation_warned),
+            "budget_warned": int(self._budget_warned),
             "steps": int(self._steps),
             "updates": int(self._updates),
             "skipped_nonfinite": int(self._skipped_nonfinite),
@@ -421,6 +395,8 @@ class CATS:
             "sketch_seed": int(self._sketch_seed),
             "last_constraint": float(self._last_constraint),
             "last_epsilon": float(self._last_epsilon),
+            "last_least_energy": float(self._last_least_energy),
+            "last_uniform_energy": float(self._last_uniform_energy),
             "last_curvature": float(self._last_curvature),
             "last_curvature_scale": float(self._last_curvature_scale),
         }
@@ -428,7 +404,10 @@ class CATS:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.state_dict()) - set(state)
         if missing:
-            raise ValueError(f"CATS state is missing {sorted(missing)}")
+            raise ValueError(
+                f"CATS state is missing {sorted(missing)} (written by an older polycats, before the reachable "
+                "curvature budget): train that run again"
+            )
         k = len(self.tasks)
         for key in ("alpha", "logits", "floor_streak", "floor_warned"):
             if tuple(state[key].shape) != (k,):
@@ -436,6 +415,9 @@ class CATS:
                     f"CATS state {key!r} has shape {tuple(state[key].shape)}, expected ({k},) "
                     f"for tasks {self.tasks}"
                 )
+        for key in ("gram_ema", "gram_count"):
+            if tuple(state[key].shape) != (k, k):
+                raise ValueError(f"CATS state {key!r} has shape {tuple(state[key].shape)}, expected ({k}, {k})")
 
         def array(key: str, dtype: type) -> np.ndarray:
             return state[key].detach().to("cpu").numpy().astype(dtype, copy=True)
@@ -449,6 +431,12 @@ class CATS:
         self._grad_sq_count = int(state["grad_sq_count"])
         self._curvature_ema = float(state["curvature_ema"])
         self._curvature_count = int(state["curvature_count"])
+        self._gram_ema = array("gram_ema", np.float64)
+        self._gram_count = array("gram_count", np.int64)
+        self._move_ema = float(state["move_ema"])
+        self._move_count = int(state["move_count"])
+        self._oscillation_warned = int(state["oscillation_warned"])
+        self._budget_warned = int(state["budget_warned"])
         self._steps = int(state["steps"])
         self._updates = int(state["updates"])
         self._skipped_nonfinite = int(state["skipped_nonfinite"])
@@ -456,6 +444,8 @@ class CATS:
         self._sketch_seed = int(state["sketch_seed"])
         self._last_constraint = float(state["last_constraint"])
         self._last_epsilon = float(state["last_epsilon"])
+        self._last_least_energy = float(state["last_least_energy"])
+        self._last_uniform_energy = float(state["last_uniform_energy"])
         self._last_curvature = float(state["last_curvature"])
         self._last_curvature_scale = float(state["last_curvature_scale"])
 
@@ -475,7 +465,7 @@ class CATS:
     def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
         """A training step taken with one backward pass of ``Σ α_i S_i / N`` (see
         :meth:`task_gradients_now`): only counted, so the update schedule stays in step."""
-        if self.config.source == "train":
+        if self.config.source == "train" and _finite_losses(losses, tokens > 0):
             self._steps += 1
 
     def wants_valid_stats(self, update: int) -> bool:
@@ -489,6 +479,10 @@ class CATS:
         For ``source="valid"`` these come from fixed validation batches. For ``hvp`` the probe is
         called with ``d = αᵀ G`` of these gradients (α before the update). Returns the new α.
         """
+        self._observe(stats)
+        return self.alpha
+
+    def _observe(self, stats: TaskStats) -> bool:
         if stats.grads is None:
             raise ValueError("CATS.observe needs per-task gradients (stats.grads is None)")
         grads = stats.grads
@@ -510,12 +504,12 @@ class CATS:
         the warmup/update_every schedule selects this step, otherwise only folds ``1ᵀM1`` into
         the EMA. Returns the α to train with on this step."""
         if self.is_update_step(self._steps):
-            alpha = self.update(losses, gram, present=present, curvature=curvature)
+            finite = self._update_now(losses, gram, present, curvature)
         else:
-            self._fold_energy(float(gram.detach().double().sum()))
-            alpha = self.alpha
-        self._steps += 1
-        return alpha
+            mask = torch.ones(len(self.tasks), dtype=torch.bool) if present is None else present
+            finite = _finite_losses(losses, mask) and self._fold_energy(float(gram.detach().double().sum()))
+        self._steps += int(finite)
+        return self.alpha
 
     def update(
         self,
@@ -532,6 +526,10 @@ class CATS:
         ``κ = dᵀHd/‖d‖²`` along the current direction, required for ``constraint="hvp"``.
         Returns the new α.
         """
+        self._update_now(losses, gram, present, curvature)
+        return self.alpha
+
+    def _update_now(self, losses: Tensor, gram: Tensor, present: Tensor | None, curvature: float | None) -> bool:
         if self.config.constraint == "hvp" and curvature is None:
             raise CurvatureProbeMissing(
                 "cats.constraint=hvp needs the curvature dᵀHd/‖d‖² along the step: pass "
@@ -572,23 +570,24 @@ class CATS:
     def _direction(self, grads: Tensor) -> Tensor:
         return weighted_sum(torch.as_tensor(self._alpha), grads)
 
-    def _epsilon_scaled(self) -> float:
-        if self.config.epsilon is None:
-            return self.config.rho
-        if self._grad_sq_ema > 0:
-            return self.config.epsilon / self._grad_sq_ema
-        return math.inf  # no gradient energy seen yet: any absolute budget is slack
+    def _energy_scale(self) -> float:
+        """``e``: the bias-corrected EMA of the positive ``‖Σ g_i‖²`` seen (0 before any)."""
+        return _debiased(self._grad_sq_ema, self._grad_sq_count, self.config.ema_decay)
 
-    def _fold_energy(self, energy: float) -> None:
+    def _alpha_move(self) -> float:
+        return _debiased(self._move_ema, self._move_count, _MOVE_DECAY)
+
+    def _fold_energy(self, energy: float) -> bool:
+        """Fold ``‖Σ g_i‖²`` into ``e``; False (and counted as skipped) when it is not finite.
+        A zero energy (a batch without gradient) says nothing about the scale and is left out."""
         if not math.isfinite(energy):
             self._skipped_nonfinite += 1
-            return
-        if self._grad_sq_count == 0:
-            self._grad_sq_ema = energy
-        else:
+            return False
+        if energy > 0:
             decay = self.config.ema_decay
             self._grad_sq_ema = decay * self._grad_sq_ema + (1 - decay) * energy
-        self._grad_sq_count += 1
+            self._grad_sq_count += 1
+        return True
 
     def _probe(self, direction: Tensor) -> float:
         if self.curvature_probe is None:
@@ -601,14 +600,12 @@ class CATS:
     def _curvature_scale(self, curvature: float) -> float:
         """``s = max(κ, 0) / κ̄`` with ``κ̄`` the EMA of ``max(κ, 0)`` including this probe."""
         clipped = max(curvature, 0.0)
-        if self._curvature_count == 0:
-            self._curvature_ema = clipped
-        else:
-            decay = self.config.ema_decay
-            self._curvature_ema = decay * self._curvature_ema + (1 - decay) * clipped
+        decay = self.config.ema_decay
+        self._curvature_ema = decay * self._curvature_ema + (1 - decay) * clipped
         self._curvature_count += 1
+        average = _debiased(self._curvature_ema, self._curvature_count, decay)
         self._last_curvature = curvature
-        self._last_curvature_scale = clipped / self._curvature_ema if self._curvature_ema > 0 else 0.0
+        self._last_curvature_scale = clipped / average if average > 0 else 0.0
         return self._last_curvature_scale
 
     def _update(
@@ -618,7 +615,8 @@ class CATS:
         energy: float,
         present: Tensor | None,
         curvature: float | None,
-    ) -> Tensor:
+    ) -> bool:
+        """One α update; False (nothing changed but the skip count) if the input is not finite."""
         k = len(self.tasks)
         loss_values = losses.detach().to("cpu", torch.float64).reshape(-1).numpy()
         gram_values = gram.detach().to("cpu", torch.float64).numpy()
@@ -642,19 +640,12 @@ class CATS:
         )
         if not finite:
             self._skipped_nonfinite += 1
-            return self.alpha
+            return False
         self._fold_energy(energy)
-        ema = self._grad_sq_ema
-        scaled = gram_values[np.ix_(index, index)] / ema if ema > 0 else np.zeros((index.size, index.size))
-        epsilon = self._epsilon_scaled()
-
-        if self.config.constraint == "per_task":
-            constraint = np.diag(np.diag(scaled))
-        elif self.config.constraint == "hvp":
-            assert curvature is not None
-            constraint = self._curvature_scale(curvature) * scaled
-        else:
-            constraint = scaled
+        scale = self._energy_scale()
+        scaled = self._smoothed_gram(index, gram_values / scale if scale > 0 else np.zeros((k, k)), energy > 0)
+        constraint = np.diag(np.diag(scaled)) if self.config.constraint == "per_task" else scaled
+        epsilon = self._budget(index, constraint, curvature)
         if self.config.objective == "lookahead":
             objective_grad = -scaled.sum(1)  # −M̃1 (absent rows/columns of M are zero)
         else:
@@ -662,6 +653,7 @@ class CATS:
             mean = float(np.abs(chosen).mean()) if index.size else 0.0
             objective_grad = chosen / mean if mean > 0 else np.zeros_like(chosen)
 
+        before = self._alpha.copy()
         if index.size >= 2:
             alpha, logits, lam = self._primal_dual(index, objective_grad, constraint, epsilon)
             if bool(np.isfinite(alpha).all()) and bool(np.isfinite(logits).all()) and math.isfinite(lam):
@@ -673,7 +665,73 @@ class CATS:
         self._last_epsilon = epsilon
         self._updates += 1
         self._track_floor()
-        return self.alpha
+        self._track_movement(float(np.abs(self._alpha - before).max()))
+        return True
+
+    def _smoothed_gram(self, index: np.ndarray, scaled: np.ndarray, informative: bool) -> np.ndarray:
+        """The present block of ``M̃``, averaged over updates when ``gram_decay > 0``: a per-entry
+        bias-corrected EMA over the updates in which both tasks of the entry were present and
+        the batch had gradient energy (``informative``)."""
+        decay = self.config.gram_decay
+        block = np.ix_(index, index)
+        if decay == 0:
+            return scaled[block]
+        if informative:
+            self._gram_ema[block] = decay * self._gram_ema[block] + (1 - decay) * scaled[block]
+            self._gram_count[block] += 1
+        counts = self._gram_count[block]
+        return np.where(counts > 0, self._gram_ema[block] / (1 - decay ** np.maximum(counts, 1)), scaled[block])
+
+    def _budget(self, index: np.ndarray, constraint: np.ndarray, curvature: float | None) -> float:
+        """``ε̃`` for this update, in the units of ``c(α) = αᵀCα`` over the present tasks.
+
+        Relative (default): ``c_min + ρ (c_1 − c_min)``, where ``c_min`` is the least ``c`` any
+        α of the set can reach (the present tasks keeping their sum) and ``c_1`` that of equal
+        weights, so the budget is always reachable. ``hvp`` divides ρ by the curvature scale
+        ``s`` (capped at 1: never looser than equal weights). Absolute: ``epsilon / e`` (``/ s``
+        for ``hvp``), with a :class:`CatsBudgetWarning` when it is below ``c_min``.
+        """
+        cfg = self.config
+        total = float(self._alpha[index].sum())
+        least = least_energy_weights(constraint, cfg.alpha_min, total) if index.size else np.zeros(0)
+        uniform = np.full(index.size, total / max(index.size, 1))
+        self._last_least_energy = float(least @ constraint @ least)
+        self._last_uniform_energy = float(uniform @ constraint @ uniform)
+        sharpness = 1.0
+        if cfg.constraint == "hvp":
+            assert curvature is not None
+            sharpness = self._curvature_scale(curvature)
+        if cfg.epsilon is None:
+            rho = min(cfg.rho / sharpness, 1.0) if sharpness > 0 else 1.0
+            return self._last_least_energy + rho * (self._last_uniform_energy - self._last_least_energy)
+        scale = self._energy_scale()
+        epsilon = cfg.epsilon / (scale * sharpness) if scale * sharpness > 0 else math.inf
+        if epsilon < self._last_least_energy and index.size >= 2 and not self._budget_warned:
+            self._budget_warned = 1
+            warnings.warn(
+                f"CATS: the absolute budget epsilon={cfg.epsilon:g} is below the least curvature energy any "
+                f"alpha can reach ({self._last_least_energy * scale:.4g} on this batch): lambda will grow "
+                "without bound; use the relative budget (unset epsilon, set rho in (0, 1])",
+                CatsBudgetWarning,
+                stacklevel=4,
+            )
+        return epsilon
+
+    def _track_movement(self, move: float) -> None:
+        self._move_ema = _MOVE_DECAY * self._move_ema + (1 - _MOVE_DECAY) * move
+        self._move_count += 1
+        limit = self.config.oscillation_warn
+        average = self._alpha_move()
+        if average < limit / 2:
+            self._oscillation_warned = 0
+        elif average > limit and self._move_count >= _MOVE_WINDOW and not self._oscillation_warned:
+            self._oscillation_warned = 1
+            warnings.warn(
+                f"CATS: alpha moves {average:.3g} per update on average (> oscillation_warn={limit:g}): it is "
+                "oscillating rather than settling; lower lr_alpha / lr_lambda (docs/cats.md)",
+                CatsOscillationWarning,
+                stacklevel=4,
+            )
 
     def _primal_dual(
         self, index: np.ndarray, objective_grad: np.ndarray, constraint: np.ndarray, epsilon: float

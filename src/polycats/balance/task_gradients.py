@@ -113,11 +113,20 @@ def accumulate_into_grad(params: Sequence[Tensor], direction: Tensor) -> None:
             param.grad.add_(piece)
 
 
+def gradient_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of per-task gradient rows: the parameters' own, but never below float32."""
+    dtype = torch.float32
+    for param in params:
+        dtype = torch.promote_types(dtype, param.dtype)
+    return dtype
+
+
 def per_task_gradients(params: Sequence[Tensor], closures: Sequence[TaskClosure | None]) -> TaskStats:
     """Run each task's closure and backward pass; ``None`` marks a task absent from this batch."""
     total = sum(p.numel() for p in params)
     device = params[0].device
-    grads = torch.empty(len(closures), total, device=device)  # each row written once, zeros included
+    # Each row is written once, zeros included.
+    grads = torch.empty(len(closures), total, device=device, dtype=gradient_dtype(params))
     losses = torch.zeros(len(closures))
     tokens = torch.zeros(len(closures))
     for i, closure in enumerate(closures):

@@ -9,6 +9,7 @@ state is a handful of integers, so checkpoints resume the exact same batches.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,13 @@ def collate(sources: list[np.ndarray], targets: list[np.ndarray], tasks: list[in
         tgt_in[row, 0] = BOS
         tgt_in[row, 1 : len(t)] = target[:-1]
     return Batch(src, tgt_in, tgt_out, torch.tensor(tasks, dtype=torch.long))
+
+
+def sample_batch(arrays: TaskArrays, task_index: int, sentences: int, key: str) -> Batch:
+    """A fixed sample of ``sentences`` pairs of one task (all if it has fewer), drawn by a
+    ``random.Random(key)`` so the same key always gives the same batch."""
+    rows = random.Random(key).sample(range(len(arrays)), min(sentences, len(arrays)))
+    return collate([arrays.src[i] for i in rows], [arrays.tgt[i] for i in rows], [task_index] * len(rows))
 
 
 def fixed_batches(data: dict[str, TaskArrays], max_tokens: int) -> list[Batch]:

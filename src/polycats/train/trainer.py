@@ -33,10 +33,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from polycats.balance.base import TaskStats
-from polycats.balance.task_gradients import TaskLoss, accumulate_into_grad, backward_per_task, per_task_gradients
+from polycats.balance.task_gradients import (
+    TaskLoss, accumulate_into_grad, backward_per_task, gradient_dtype, per_task_gradients,
+)
 from polycats.balance.task_split import TaskSplit
 from polycats.config import Config
-from polycats.data.batching import Batch, BatchStream, fixed_batches, sampling_probabilities
+from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch, sampling_probabilities
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.diagnostics.curvature import hessian_operator
 from polycats.errors import Interrupted, PolycatsError
@@ -192,6 +194,7 @@ class Trainer:
             set_parameters([(name, p) for name, p in self.model.named_parameters() if p.requires_grad])
         self.stream = BatchStream(train, self.sampling_at(0), t.max_tokens, t.seed)
         self.valid_batches = fixed_batches(self.data.split("valid"), t.max_tokens)
+        self.valid_sample: list[Batch] | None = None  # CATS source=valid: built on first use
         self.update = 0
         self.best_valid = math.inf
         self.bad_validations = 0
@@ -341,25 +344,39 @@ class Trainer:
         return loss.sum() / batch.target_tokens
 
     def prepare_balancer(self, batch: Batch) -> None:
-        """Feed the optional balancer hooks: statistics from fixed validation batches
+        """Feed the optional balancer hooks: statistics from the fixed validation sample
         (``wants_valid_stats``/``observe``) and a curvature probe along a direction
-        (``curvature_probe``: d -> dᵀHd/‖d‖² on this batch, by one Hessian-vector product)."""
+        (``curvature_probe``: d -> dᵀHd/‖d‖², one Hessian-vector product on the batches the
+        statistics come from: the validation sample for ``observe``, else this training batch)."""
         wants_valid = getattr(self.balancer, "wants_valid_stats", None)
         if wants_valid is not None and wants_valid(self.update):
-            self.balancer.observe(self.valid_task_stats())
+            sample = self.validation_sample()
+            total = sum(b.target_tokens for b in sample)
+            self.install_probe(lambda: sum(self.batch_loss(b) * b.target_tokens for b in sample) / total)
+            self.balancer.observe(self.valid_task_stats(sample, total))
+        self.install_probe(lambda: self.batch_loss(batch))
+
+    def install_probe(self, loss) -> None:
         if hasattr(self.balancer, "curvature_probe"):
             def probe(direction: Tensor) -> float:
-                operator = hessian_operator(self.model, lambda: self.batch_loss(batch))
+                operator = hessian_operator(self.model, loss)
                 return float(direction @ operator.matvec(direction) / (direction @ direction).clamp_min(1e-30))
             self.balancer.curvature_probe = probe
 
-    def valid_task_stats(self):
-        """Per-task losses and gradients on one fixed validation batch per task (eval mode)."""
-        first = {}
-        for batch in self.valid_batches:
-            first.setdefault(int(batch.task[0]), batch)
-        total = sum(b.target_tokens for b in first.values())
+    def validation_sample(self) -> list[Batch]:
+        """CATS ``source=valid``: ``balancer.valid_sentences`` validation pairs per task, drawn
+        once with the run's seed (one batch per task)."""
+        if self.valid_sample is None:
+            count = self.config.balancer.valid_sentences
+            self.valid_sample = [
+                sample_batch(arrays, index, count, f"{self.config.train.seed}/{task}/cats-valid")
+                for index, (task, arrays) in enumerate(self.data.split("valid").items())
+            ]
+        return self.valid_sample
 
+    def valid_task_stats(self, sample: list[Batch], total: int) -> TaskStats:
+        """Per-task losses and gradients on the validation sample (eval mode): ``S_i / N`` with
+        ``N`` the sample's target tokens, as on a training batch."""
         def closure(batch: Batch):
             def run() -> TaskLoss:
                 task_sum = self.batch_loss(batch) * batch.target_tokens
@@ -367,7 +384,7 @@ class Trainer:
             return run
 
         self.model.eval()
-        return per_task_gradients(self.params, [first.get(i) and closure(first[i]) for i in range(len(self.tasks))])
+        return per_task_gradients(self.params, [closure(batch) for batch in sample])
 
     def wants_task_gradients(self) -> bool:
         """Whether the next step collects per-task gradients (CATS with update_every > 1: only
@@ -393,7 +410,8 @@ class Trainer:
             return backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
         batch = batch.select(torch.argsort(batch.task, stable=True))
         if self.task_grads is None:  # one buffer for every step (TaskSplit overwrites it and keeps its views)
-            self.task_grads = torch.empty(num_tasks, self.task_split.size)
+            self.task_grads = torch.empty(num_tasks, self.task_split.size, dtype=gradient_dtype(self.params),
+                                          device=self.params[0].device)
         grads = self.task_grads
         with self.task_split.collect(batch.task, (batch.tgt_out != PAD).sum(dim=1), num_tasks, grads):
             task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
@@ -411,8 +429,8 @@ class Trainer:
         row_tokens = (batch.tgt_out != PAD).sum(dim=1)
         step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
         num_tasks = len(self.tasks)
-        task_tokens = torch.zeros(num_tasks).index_add(0, batch.task, row_tokens.to(torch.float32))
-        return torch.zeros(num_tasks).index_add(0, batch.task, loss.sum(dim=1)), task_tokens
+        task_tokens = loss.new_zeros(num_tasks).index_add(0, batch.task, row_tokens.to(loss.dtype))
+        return loss.new_zeros(num_tasks).index_add(0, batch.task, loss.sum(dim=1)), task_tokens
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
@@ -422,7 +440,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         step_totals = TaskTotals(len(self.tasks))
-        if self.wants_task_gradients():
+        per_task = self.wants_task_gradients()
+        if per_task:
             stats = self.per_task_backward(batch, poison, step_totals)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
@@ -431,9 +450,6 @@ class Trainer:
             loss_finite = bool(torch.isfinite(total))
             if loss_finite:
                 total.backward()
-            observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro; skips non-finite)
-            if observe_losses is not None:
-                observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         if not loss_finite:
             self.optimizer.zero_grad(set_to_none=True)
             return {"skipped": 1.0, "reason": "loss"}
@@ -442,6 +458,10 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return {"skipped": 1.0, "reason": "gradient"}
+        # Told only of steps actually taken: its schedule (CATS) counts the trainer's updates.
+        observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro)
+        if observe_losses is not None and not per_task:
+            observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         self.totals.merge(step_totals)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * inverse_sqrt_schedule(self.update + 1, self.config.train.warmup_updates)
