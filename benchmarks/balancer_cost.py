@@ -23,7 +23,7 @@ from pathlib import Path
 import tiny
 from cats_overhead import METHODS, interleaved
 
-from polycats.demo import PEERS
+from polycats.methods import PEERS
 
 # Ordered so that K = 4 gives exactly the demo preset's languages (and shares its prepared data).
 HIRES = ["de", "fr", "es", "ru", "zh", "ja", "vi", "tr"]

@@ -154,6 +154,24 @@ def report(
 
 
 @app.command()
+def experiment(
+    grid: Annotated[Path, typer.Argument(help="grid file, e.g. configs/experiments/ted_like.yaml")],
+    out: Annotated[Path, typer.Option("--out", help="experiment directory: runs/, index.json")],
+    workers: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    allow_mixed_commits: Annotated[bool, typer.Option("--allow-mixed-commits", help="continue a grid whose runs "
+                                                      "came from another git commit")] = False,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="run only this run name (repeatable)")] = None,
+) -> None:
+    """Train and evaluate every run of a grid (methods × seeds); finished runs are skipped,
+    interrupted ones resumed; OUT/index.json records config, commit, status and wall time."""
+    from polycats.experiment import run_grid
+
+    index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print)
+    done = sum(1 for record in index["runs"].values() if record["status"] == "finished")
+    console.print(f"{done}/{len(index['runs'])} runs finished: {out / 'index.json'}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
     methods: Annotated[str, typer.Option(

@@ -16,21 +16,13 @@ from polycats.config import load_config, preset_path
 from polycats.errors import PolycatsError
 from polycats.evaluate.run import evaluate_run
 from polycats.io import atomic_write_json, atomic_write_text
+from polycats.methods import METHODS, run_name
 from polycats.report.figures import alpha_curves, nll_curves
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
-PEERS = ("pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")
-METHODS = {
-    "T=1": ["sampling.temperature=1"],
-    "T=5": ["sampling.temperature=5"],
-    # The demo is short (400 updates): CATS starts adapting after 100 instead of its default 200.
-    "CATS": ["sampling.temperature=1", "balancer.name=cats", "balancer.warmup_steps=100"],
-    "T=100": ["sampling.temperature=100"],
-    "two-stage": ["sampling.temperature=5", "sampling.first_stage_updates=100"],  # HiRes first (Choi et al. 2023)
-    # Peers on the same T=1 sampler as CATS, with their documented default options.
-    **{peer: ["sampling.temperature=1", f"balancer.name={peer}"] for peer in PEERS},
-}
+# The demo is short: CATS starts adapting after 100 updates instead of its default 200.
+DEMO_OVERRIDES = {"CATS": ["balancer.warmup_steps=100"], "CATS-loss": ["balancer.warmup_steps=100"]}
 DEFAULT_METHODS = ("T=1", "T=5", "CATS")
 GROUPS = ("LoRes", "HiRes", "All")
 
@@ -55,10 +47,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_dir_name(method: str) -> str:
-    return method.replace("=", "").lower()
-
-
 def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
     """Train and test each of ``methods``; a run already finished in ``out`` is resumed, not redone."""
     unknown = [m for m in methods if m not in METHODS]
@@ -69,8 +57,8 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
     started = time.perf_counter()
     reports, timings = {}, {}
     for method in methods:
-        config = load_config(preset, [*METHODS[method], *overrides])
-        run_dir = out / run_dir_name(method)
+        config = load_config(preset, [*METHODS[method], *DEMO_OVERRIDES.get(method, []), *overrides])
+        run_dir = out / run_name(method)
         console.rule(f"[bold]{method}[/] → {run_dir}")
         began = time.perf_counter()
         train(config, run_dir)
@@ -107,7 +95,7 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
         "The research presets in configs/ and `docs/results.md` hold the measured comparisons.",
         "",
     ])
-    runs = {method: read_metrics(out / run_dir_name(method)) for method in methods}
+    runs = {method: read_metrics(out / run_name(method)) for method in methods}
     nll_curves(runs, out / "nll_curves.png")
     text += "\n![train and valid NLL, LoRes and HiRes](nll_curves.png)\n"
     if "CATS" in runs:
@@ -115,6 +103,6 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
         text += "\n![CATS α and λ](cats_alpha.png)\n"
     atomic_write_text(out / "summary.md", text)
     atomic_write_json(out / "summary.json", {"rows": rows, "timings_s": timings, "train_pairs": sizes, "signature": signature})
-    console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / run_dir_name(m)) for m in methods)})")
+    console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / run_name(m)) for m in methods)})")
     console.print(f"total time {elapsed / 60:.1f} min. Small budget: absolute BLEU is low; compare methods, not numbers with the paper.")
     return {"rows": rows, "timings": timings}
