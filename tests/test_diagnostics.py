@@ -104,7 +104,7 @@ def mlp_problem(seed, negate=False):
 
 
 def tiny_transformer(dtype=torch.float64, seed=0):
-    """d_model 8, 1+1 layers, vocab 20: 1,696 parameters, so the exact Hessian is affordable."""
+    """d_model 8, 1+1 layers, vocab 20: 1,672 parameters, so the exact Hessian is affordable."""
     torch.manual_seed(seed)
     shape = TransformerShape(vocab_size=20, d_model=8, encoder_layers=1, decoder_layers=1, heads=2, ffn_dim=16)
     model = Transformer(shape).to(dtype)
@@ -131,6 +131,7 @@ def float64_translation_loss(model, shape, src, tgt):
 
 @pytest.fixture(scope="module")
 def transformer_case():
+    """Random initialisation: negative-dominated (lambda_min = -2.452, lambda_max = 1.880)."""
     model, shape, src, tgt = tiny_transformer()
     closure = float64_translation_loss(model, shape, src, tgt)
     hessian = exact_hessian(model, closure)
@@ -357,16 +358,18 @@ def test_eigenvalues_match_exact_hessian_on_transformer(transformer_case):
     assert top_only.converged and top_only.matvecs < by_lanczos.matvecs
     assert_close(top_only.largest_algebraic, top)
     assert_close(top_only.largest_magnitude, magnitude)
-    assert by_lanczos.settings["parameters"] == eigenvalues.numel() == 1696
+    assert by_lanczos.settings["parameters"] == eigenvalues.numel() == 1672
     # power iteration and Lanczos agree with each other
     assert_close(by_power.largest_algebraic, by_lanczos.largest_algebraic)
 
 
 def test_default_power_iteration_is_pyhessian_accurate(transformer_case):
-    """With PyHessian's tolerance (1e-3) the eigenvalue is still good to well under 1%."""
+    """With PyHessian's tolerance (1e-3) both ends are still good to 1% (measured: 0.55% for
+    lambda_max, found by the second run on the shifted operator)."""
     model, closure, _, eigenvalues = transformer_case
     result = top_eigenvalue(model, closure, method="power_iteration")
-    assert_close(result.largest_magnitude, float(eigenvalues[-1]), rtol=1e-2)
+    assert_close(result.largest_magnitude, float(eigenvalues[0]), rtol=1e-2)
+    assert_close(result.largest_algebraic, float(eigenvalues[-1]), rtol=1e-2)
 
 
 def test_weighted_combination_matches_its_exact_hessian():

@@ -1,5 +1,6 @@
-"""The Transformer: shapes, causality, source padding invariance, the loss (label smoothing, padding).
-Cached incremental decoding against the full forward pass is in test_beam.py."""
+"""The Transformer: shapes, causality, source padding invariance, no key bias (and why), every
+parameter trained, the loss (label smoothing, padding). Cached incremental decoding against the full
+forward pass is in test_beam.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polycats.model.transformer import Dropout, Transformer, TransformerShape, sinusoidal_positions, token_losses
+from polycats.model.transformer import (
+    Attention,
+    Dropout,
+    Transformer,
+    TransformerShape,
+    sinusoidal_positions,
+    token_losses,
+)
 
 PAD, BOS, EOS = 0, 2, 3
 VOCAB = 37
@@ -141,6 +149,107 @@ def test_cached_decode_of_several_tokens_at_once():
         first = model.decode(tgt[:, :2], cache)
         rest = model.decode(tgt[:, 2:], cache)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ no key bias
+
+ATTENTION_CASES = ["self, padding mask", "self, causal", "cross, padding mask", "cached decode"]
+
+
+def attention_case(case: str, dtype: torch.dtype):
+    """An attention module and its inputs as the model calls it: (query, memory, mask, causal)."""
+    torch.manual_seed(0)
+    attention = Attention(16, heads=4, dropout=0.0).to(dtype)
+    query = torch.randn(3, 6, 16, dtype=dtype)
+    memory = query if case.startswith("self") else torch.randn(3, 9, 16, dtype=dtype)
+    mask, causal = None, False
+    if case.endswith("padding mask"):
+        lengths = torch.tensor([memory.shape[1], 4, 1])  # every row keeps at least one key
+        mask = (torch.arange(memory.shape[1]) < lengths[:, None])[:, None, None, :]
+    elif case == "self, causal":
+        causal = True
+    else:  # two new positions after seven cached ones: position i sees the past and new <= i
+        query, memory = query[:, :2], torch.randn(3, 9, 16, dtype=dtype)
+        mask = torch.ones(2, 9, dtype=torch.bool).tril(7)
+    return attention, query, memory, mask, causal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_a_key_bias_does_not_change_attention(case, dtype):
+    """Why the key projection has no bias: a bias ``b`` adds ``q . b`` to every logit of a query
+    row, and softmax over the keys is invariant to that, whatever the mask, so its gradient is zero
+    and what an optimiser stores for it is round-off. A vector that differs between keys does
+    change the output (the check can fail)."""
+    attention, query, memory, mask, causal = attention_case(case, dtype)
+    assert attention.k_proj.bias is None
+    keys = attention.k_proj(memory)
+    values = attention.split_heads(attention.v_proj(memory))
+    bias = 3 * torch.randn(16, dtype=dtype)
+
+    def attend(keys):
+        with torch.no_grad():
+            return attention(query, attention.split_heads(keys), values, mask=mask, causal=causal)
+
+    plain = attend(keys)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(attend(keys + bias), plain, **tolerance)
+    assert not torch.allclose(attend(keys + 0.1 * torch.randn_like(keys)), plain, **tolerance)
+
+
+def test_a_key_bias_does_not_change_the_model():
+    """The same through the whole model: encoder self-attention with source padding, causal
+    decoder self-attention, cross-attention, cached decoding in two pieces."""
+    model = make_model().double()
+    src, tgt = tokens(0, (3, 7)), tokens(1, (3, 6))
+    src[1, 4:], src[2, 2:], tgt[2, 4:] = PAD, PAD, PAD
+
+    def outputs():
+        with torch.no_grad():
+            cache = model.start_cache(*model.encode(src))
+            return model(src, tgt), torch.cat([model.decode(tgt[:, :3], cache), model.decode(tgt[:, 3:], cache)], 1)
+
+    plain = outputs()
+    generator = torch.Generator().manual_seed(1)
+    hooks = [module.k_proj.register_forward_hook(
+                 lambda module, inputs, output, b=torch.randn(32, generator=generator, dtype=torch.float64): output + b)
+             for module in model.modules() if isinstance(module, Attention)]
+    try:
+        biased = outputs()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(biased, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_checkpoints_with_a_key_bias_still_load():
+    """Models saved before the key bias was dropped load (the bias is dropped: it had no effect)."""
+    model = make_model()
+    state = model.state_dict()
+    names = [f"{name}.k_proj.bias" for name, module in model.named_modules() if isinstance(module, Attention)]
+    assert len(names) == 6
+    old = {**state, **{name: torch.randn(32) for name in names}}
+    other = make_model(seed=1)
+    other.load_state_dict(old)
+    src, tgt = tokens(0, (2, 5)), tokens(1, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(other(src, tgt), model(src, tgt))
+    assert names[0] not in other.state_dict()
+
+
+def test_every_parameter_gets_a_gradient_in_float64():
+    """No parameter is dead weight whose gradient is only round-off, as the key bias's was (2e-19
+    to 4e-18 of the model's gradient norm here). The embedding's padding row is the one exception
+    inside a tensor (``padding_idx``) and is not checked."""
+    model = make_model().double().train()
+    src, tgt = tokens(0, (4, 7)), tokens(1, (4, 6))
+    src[1, 4:], tgt[2, 3:] = PAD, PAD
+    logits = model(src, tgt[:, :-1])
+    F.cross_entropy(logits.reshape(-1, VOCAB), tgt[:, 1:].reshape(-1), ignore_index=PAD).backward()
+    total = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    relative = {name: float(p.grad.norm() / total) for name, p in model.named_parameters()}
+    assert not {name: r for name, r in relative.items() if r < 1e-8}, relative
 
 
 # ------------------------------------------------------------------------------ token_losses

@@ -87,9 +87,17 @@ class Attention(nn.Module):
         self.heads = heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
+        # No key bias: it adds q . b to every logit of a query row, which softmax ignores, so its
+        # gradient is zero and training it only accumulates round-off (tests/test_model.py).
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.register_load_state_dict_pre_hook(self._drop_key_bias)
+
+    @staticmethod
+    def _drop_key_bias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        """Checkpoints from before the key bias was dropped still load: the bias had no effect."""
+        state_dict.pop(prefix + "k_proj.bias", None)
 
     def split_heads(self, x: Tensor) -> Tensor:
         batch, length, dim = x.shape
