@@ -25,6 +25,7 @@ state = {"debug": False}
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/demo.yaml")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set train.max_updates=20")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: train.device of the config)")]
 
 
 @app.callback()
@@ -56,12 +57,13 @@ def train(
     config: ConfigArg,
     out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it has a checkpoint)")],
     set_: SetOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Train a model (prepares the data if needed; resumes from OUT's last checkpoint)."""
     from polycats.config import load_config
     from polycats.train.trainer import train as run_training
 
-    valid = run_training(load_config(config, set_), out)
+    valid = run_training(load_config(config, [*(set_ or []), f"train.device={device}"] if device else set_), out)
     console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
                   f"(metrics.jsonl, checkpoints/, tb/)")
 
@@ -71,12 +73,13 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory made by polycats train")],
     split: Annotated[str, typer.Option(help="valid or test")] = "test",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: eval.checkpoint)")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Decode a split, score BLEU/chrF per direction, write RUN_DIR/eval/<split>.json."""
     from polycats.evaluate.run import evaluate_run
     from polycats.evaluate.scoring import render_table
 
-    report = evaluate_run(run_dir, split, checkpoint)
+    report = evaluate_run(run_dir, split, checkpoint, device)
     console.print(render_table(report, title=f"{run_dir} — {split}"))
     console.print(f"written: {Path(run_dir) / 'eval' / f'{split}.json'}")
 
@@ -87,6 +90,7 @@ def translate(
     src_lang: Annotated[str, typer.Option("--src-lang", help="source language code")],
     tgt_lang: Annotated[str, typer.Option("--tgt-lang", help="target language code")],
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Translate stdin to stdout, one sentence per line."""
     from polycats.config import LANGUAGE_CODE
@@ -107,7 +111,7 @@ def translate(
         lines.pop()
     from polycats.evaluate.run import translate_lines
 
-    for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint):
+    for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint, device):
         sys.stdout.write(output + "\n")
 
 
@@ -161,12 +165,13 @@ def experiment(
     allow_mixed_commits: Annotated[bool, typer.Option("--allow-mixed-commits", help="continue a grid whose runs "
                                                       "came from another git commit")] = False,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="run only this run name (repeatable)")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Train and evaluate every run of a grid (methods × seeds); finished runs are skipped,
     interrupted ones resumed; OUT/index.json records config, commit, status and wall time."""
     from polycats.experiment import run_grid
 
-    index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print)
+    index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print, device=device)
     done = sum(1 for record in index["runs"].values() if record["status"] == "finished")
     console.print(f"{done}/{len(index['runs'])} runs finished: {out / 'index.json'}")
 

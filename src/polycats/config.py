@@ -182,6 +182,9 @@ class TrainConfig(Section):
     patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
     seed: int = 1
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model trains and decodes: auto = cuda if available, else cpu"
+    )
     diagnostics_every: int = Field(0, ge=0, description="updates between logged diagnostics (0 = off)")
 
     @field_validator("adam_betas")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -172,13 +172,19 @@ def write_index(spec: GridSpec, base: Path, out: Path, runs: list[GridRun]) -> d
 
 
 def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool = False,
-             only: list[str] | None = None, echo=print) -> dict:
+             only: list[str] | None = None, echo=print, device: str | None = None) -> dict:
     """Run every unfinished run of ``grid`` into ``out`` (``only``: these run names); with
-    ``workers > 1`` that many runs at a time, each in its own process. Returns the index."""
+    ``workers > 1`` that many runs at a time, each in its own process. ``device`` (auto, cpu,
+    cuda): ``train.device`` of every run, after the grid's own overrides. Returns the index."""
     if workers < 1:
         raise PolycatsError(f"--workers must be >= 1, not {workers}")
     spec, base = load_grid(grid)
     runs = expand(spec)
+    if device is not None:
+        from polycats.train.run_dir import resolve_device
+
+        resolve_device(device)  # no CUDA: one error now, not one per run
+        runs = [replace(run, overrides=(*run.overrides, f"train.device={device}")) for run in runs]
     if only:
         unknown = sorted(set(only) - {run.name for run in runs})
         if unknown:
@@ -206,6 +212,8 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
             command = [sys.executable, "-m", "polycats", "experiment", str(grid), "--out", str(out), "--only", run.name]
             if allow_mixed_commits:
                 command.append("--allow-mixed-commits")
+            if device is not None:
+                command += ["--device", device]
             with open(out / "runs" / f"{run.name}.log", "a") as log:  # the run's own output, appended across resumes
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             log_path = out / "runs" / f"{run.name}.log"

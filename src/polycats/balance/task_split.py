@@ -80,7 +80,8 @@ class TaskSplit:
         if row_tasks.numel() > 1 and bool((row_tasks[1:] < row_tasks[:-1]).any()):
             raise ValueError("TaskSplit.collect needs the batch's rows sorted by task")
         rows = torch.bincount(row_tasks, minlength=num_tasks).tolist()
-        tokens = torch.zeros(num_tasks, dtype=torch.long).index_add_(0, row_tasks, row_tokens.long()).tolist()
+        tokens = torch.zeros(num_tasks, dtype=torch.long, device=row_tasks.device)
+        tokens = tokens.index_add_(0, row_tasks, row_tokens.long()).tolist()
         self._row_segments = _task_segments(rows)
         self._token_segments = _task_segments(tokens)
         if out is not self._out:

@@ -41,6 +41,10 @@ class Batch:
     def target_tokens(self) -> int:
         return int((self.tgt_out != PAD).sum())
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device`` (the same tensors where they are there already)."""
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.task.to(device))
+
     def select(self, rows: Tensor) -> Batch:
         """The rows ``rows``, with padding trimmed to the longest selected sentence."""
         src, tgt_in, tgt_out = self.src[rows], self.tgt_in[rows], self.tgt_out[rows]

@@ -122,10 +122,12 @@ def translation_loss(
     """A closure for our Transformer on one batch: ``(token-loss sum, number of target tokens)``.
 
     ``label_smoothing=0`` gives the token NLL (the spec's task/group loss); pass the trainer's value
-    to get its training loss.
+    to get its training loss. The batch is moved to the model's device once, here.
     """
     from polycats.model.transformer import token_losses
 
+    device = next(model.parameters()).device
+    src, tgt_in, target = src.to(device), tgt_in.to(device), target.to(device)
     n_tokens = int((target != pad_id).sum())
 
     def closure() -> tuple[Tensor, int]:
@@ -442,7 +444,7 @@ def gradient_similarity(
     offset = 0
     for (name, _), size in zip(named, sizes):
         block = raw[:, offset : offset + size].to(torch.float64)
-        per_parameter[name] = SimilarityTable(coefficients @ (block @ block.T) @ coefficients.T)
+        per_parameter[name] = SimilarityTable(coefficients @ (block @ block.T).cpu() @ coefficients.T)
         offset += size
     types_of = {name: classify(name) for name, _ in named}
     per_type: dict[str, SimilarityTable] = {}

@@ -1,5 +1,6 @@
 """evaluate and translate: decode a split of a run with its best (or last) checkpoint, score each
-direction with sacreBLEU, write ``RUN_DIR/eval/<split>.json`` and the hypotheses."""
+direction with sacreBLEU, write ``RUN_DIR/eval/<split>.json`` and the hypotheses. Decoding runs on
+``device`` (auto, cpu, cuda; default: the run's ``train.device``), whatever the run trained on."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def translate_ids(model: Transformer, sources: list, config: Config) -> list[lis
     e = config.eval
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: list[list[int]] = [[] for _ in sources]
+    device = next(model.parameters()).device
     for start in range(0, len(order), e.batch_size):
         rows = order[start : start + e.batch_size]
         # collate wants targets; a one-token dummy keeps it shared with training batches.
-        src = collate([sources[i] for i in rows], [sources[i][:1] for i in rows], [0] * len(rows)).src
+        src = collate([sources[i] for i in rows], [sources[i][:1] for i in rows], [0] * len(rows)).src.to(device)
         hyps = search(model, src, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam=e.beam, lenpen=e.lenpen,
                       max_len_a=e.max_len_a, max_len_b=e.max_len_b, max_len_cap=model.shape.max_positions - 1)
         for row, hyp in zip(rows, hyps):
@@ -36,7 +38,8 @@ def translate_ids(model: Transformer, sources: list, config: Config) -> list[lis
     return outputs
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None,
+                 device: str | None = None) -> dict[str, Any]:
     run = RunDir(run_dir)
     config = run.config()
     set_threads(config.train.threads)
@@ -44,7 +47,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
         raise PolycatsError(f"--split must be valid or test, not '{split}'")
     data = run.prepared(config)
     which = checkpoint or config.eval.checkpoint
-    model = run.load_model(which, config, data)
+    model = run.load_model(which, config, data, device)
     references = data.references(split)
     arrays = data.split(split)
     outputs = {}
@@ -63,14 +66,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     return report
 
 
-def translate_lines(run_dir: str | Path, lines: list[str], src_lang: str, tgt_lang: str, checkpoint: str | None = None) -> list[str]:
+def translate_lines(run_dir: str | Path, lines: list[str], src_lang: str, tgt_lang: str, checkpoint: str | None = None,
+                    device: str | None = None) -> list[str]:
     run = RunDir(run_dir)
     config = run.config()
     data: PreparedData = run.prepared(config)
     task = f"{src_lang}-{tgt_lang}"
     if task not in data.tasks:
         raise PolycatsError(f"this run translates {', '.join(data.tasks)}; it was not trained on {task}")
-    model = run.load_model(checkpoint or config.eval.checkpoint, config, data)
+    model = run.load_model(checkpoint or config.eval.checkpoint, config, data, device)
     texts = [normalise(line) for line in lines]
     present = [i for i, text in enumerate(texts) if text]
     limit = model.shape.max_positions

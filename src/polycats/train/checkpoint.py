@@ -2,6 +2,9 @@
 ``torch.load(weights_only=True)`` (never unpickling arbitrary objects), each carrying a SHA-256
 of its contents that is checked on every load.
 
+Tensors are written on the CPU and read onto it (``map_location="cpu"``), so a checkpoint of a
+run trained on CUDA loads on a machine without one, and the other way round.
+
 The trainer's ``last.pt`` is written with :func:`save_rotating`, which keeps the one before it as
 ``last.prev.pt``; :func:`load_latest` falls back to that one, with a warning, when ``last.pt`` is
 corrupt or missing.
@@ -9,6 +12,7 @@ corrupt or missing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -62,10 +66,29 @@ def state_checksum(state: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) on the CPU. What is on the
+    CPU already is returned as it is (the same objects, so a CPU run saves what it always did); a
+    state dict keeps its type and ``_metadata``."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        moved = {key: on_cpu(item) for key, item in value.items()}
+        if all(moved[key] is value[key] for key in value):
+            return value
+        result = copy.copy(value)
+        result.update(moved)
+        return result
+    if type(value) in (list, tuple):
+        moved = [on_cpu(item) for item in value]
+        return value if all(a is b for a, b in zip(moved, value)) else type(value)(moved)
+    return value
+
+
 def save_checkpoint(state: dict[str, Any], path: Path, previous: Path | None = None) -> None:
-    """Write ``state`` (with format version and checksum) atomically; ``previous``: keep the
-    file it replaces there."""
-    state = {"version": CHECKPOINT_VERSION, **state}
+    """Write ``state`` (with format version and checksum) atomically, its tensors on the CPU;
+    ``previous``: keep the file it replaces there."""
+    state = {"version": CHECKPOINT_VERSION, **on_cpu(state)}
     atomic_torch_save({**state, "checksum": state_checksum(state)}, path, previous)
 
 

@@ -1,5 +1,6 @@
 """A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/, .lock — and how to
-rebuild the model and data of a finished run (used by evaluate, translate and analyze)."""
+rebuild the model and data of a finished run (used by evaluate, translate and analyze), on the
+device it is asked for."""
 
 from __future__ import annotations
 
@@ -17,7 +18,20 @@ from polycats.model.transformer import Transformer, TransformerShape
 from polycats.train.checkpoint import load_checkpoint
 
 # Changing these on resume is allowed: they do not change what has been trained so far.
-RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("eval",)}
+RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("train", "device"), ("eval",)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` (or a command's ``--device``) as a torch device: ``auto`` is CUDA when
+    torch sees a CUDA device, else the CPU; ``cuda`` is the current CUDA device (respects
+    ``CUDA_VISIBLE_DEVICES``) and an error when there is none."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise PolycatsError(f"device must be auto, cpu or cuda, not '{name}'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise PolycatsError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
 
 
 def build_model(config: Config, vocab_size: int) -> Transformer:
@@ -125,10 +139,13 @@ class RunDir:
     def prepared(self, config: Config | None = None) -> PreparedData:
         return prepare((config or self.config()).data)
 
-    def load_model(self, which: str = "best", config: Config | None = None, data: PreparedData | None = None) -> Transformer:
+    def load_model(self, which: str = "best", config: Config | None = None, data: PreparedData | None = None,
+                   device: str | None = None) -> Transformer:
+        """The checkpoint's model in eval mode on ``device`` (auto, cpu, cuda; default: the
+        config's ``train.device``), whichever device it was trained on."""
         config = config or self.config()
         data = data or self.prepared(config)
-        model = build_model(config, data.vocab_size)
+        model = build_model(config, data.vocab_size).to(resolve_device(device or config.train.device))
         state = load_checkpoint(self.checkpoint_path(which))
         try:
             model.load_state_dict(state["model"])

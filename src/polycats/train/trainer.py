@@ -47,7 +47,8 @@ from polycats.model.transformer import Transformer
 from polycats.train.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.train.metrics import MetricsLog
 from polycats.train.run_dir import (
-    RunDir, RunLock, build_balancer, build_model, config_differences, set_threads, summarise, with_current_defaults,
+    RunDir, RunLock, build_balancer, build_model, config_differences, resolve_device, set_threads, summarise,
+    with_current_defaults,
 )
 
 MAX_SKIPPED_IN_A_ROW = 20
@@ -65,19 +66,27 @@ def nan_injection_points() -> set[int]:
         raise PolycatsError(f"{NAN_HOOK}={raw!r}: expected batch numbers such as 3,4") from None
 
 
-def rng_state() -> dict:
-    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy,
+    and on a CUDA ``device`` that device's generator (dropout and GradDrop draw there)."""
     _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
     }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`; a CUDA state is restored only when training on CUDA (a run moved
+    to another device resumes, though not bit-identically)."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
@@ -122,9 +131,9 @@ class TaskTotals:
         if isinstance(task, int):
             self.nll[task] += float(nll)
             self.tokens[task] += float(tokens)
-        else:
-            self.nll.index_add_(0, task, nll.double())
-            self.tokens.index_add_(0, task, tokens.double())
+        else:  # the totals stay on the CPU, whatever device the batch is on
+            self.nll.index_add_(0, task.cpu(), nll.double().cpu())
+            self.tokens.index_add_(0, task.cpu(), tokens.double().cpu())
 
     def summary(self, prefix: str, tasks: list[str], groups: dict[str, str]) -> dict[str, float]:
         values = {}
@@ -151,6 +160,7 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path, data: PreparedData | None = None, progress: bool | None = None):
         self.config = config
+        self.device = resolve_device(config.train.device)  # before anything is written: cuda may be missing
         self.run = RunDir(run_dir)
         self.run.path.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.run.lock_path).acquire()
@@ -177,7 +187,8 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
-        self.model: Transformer = build_model(config, self.data.vocab_size)
+        # Initialised on the CPU (the same weights on every device), then moved.
+        self.model: Transformer = build_model(config, self.data.vocab_size).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Per-task gradients in one pass over the batch when the model allows (it does: ours).
         self.task_split = TaskSplit(self.model, self.params) if TaskSplit.supports(self.model, self.params) else None
@@ -193,7 +204,7 @@ class Trainer:
         if set_parameters is not None:
             set_parameters([(name, p) for name, p in self.model.named_parameters() if p.requires_grad])
         self.stream = BatchStream(train, self.sampling_at(0), t.max_tokens, t.seed)
-        self.valid_batches = fixed_batches(self.data.split("valid"), t.max_tokens)
+        self.valid_batches = [batch.to(self.device) for batch in fixed_batches(self.data.split("valid"), t.max_tokens)]
         self.valid_sample: list[Batch] | None = None  # CATS source=valid: built on first use
         self.update = 0
         self.best_valid = math.inf
@@ -266,7 +277,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "sampler": self.stream.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "update": self.update,
             "best_valid": self.best_valid,
             "bad_validations": self.bad_validations,
@@ -297,7 +308,7 @@ class Trainer:
             self.balancer.load_state_dict(state["balancer"])
             self.stream.load_state_dict(state["sampler"])
             if "rng" in state:
-                set_rng_state(state["rng"])
+                set_rng_state(state["rng"], self.device)
             else:
                 torch.set_rng_state(state["torch_rng"])
             if "totals" in state:
@@ -369,7 +380,7 @@ class Trainer:
         if self.valid_sample is None:
             count = self.config.balancer.valid_sentences
             self.valid_sample = [
-                sample_batch(arrays, index, count, f"{self.config.train.seed}/{task}/cats-valid")
+                sample_batch(arrays, index, count, f"{self.config.train.seed}/{task}/cats-valid").to(self.device)
                 for index, (task, arrays) in enumerate(self.data.split("valid").items())
             ]
         return self.valid_sample
@@ -435,6 +446,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
+        batch = batch.to(self.device)
         poison = self.batches_drawn + 1 in self.nan_at  # the NaN test hook (POLYCATS_TEST_NAN_AT)
         self.prepare_balancer(batch)
         self.model.train()
@@ -518,6 +530,8 @@ class Trainer:
                if self.first_stage is not None else {}),
             **{f"train_pairs/{task}": sizes[task]["train"] for task in self.tasks},
             "parameters": sum(p.numel() for p in self.params),
+            "device": str(self.device),  # resolved (train.device auto is the same config on every machine)
+            **({"device_name": torch.cuda.get_device_name(self.device)} if self.device.type == "cuda" else {}),
         })
         return metrics
 
