@@ -96,9 +96,16 @@ def test_mixing_commits_is_refused_unless_allowed(tmp_path, monkeypatch):
     assert index["runs"]["t1-s1"]["commit"] == "a" * 40  # finished: kept, not rerun
 
 
-def test_the_commit_is_read_from_the_source_checkout():
+def test_the_commit_is_read_from_the_source_checkout_or_stated_outside_one(tmp_path, monkeypatch):
     commit = experiment.source_commit()
     assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40
+    copy = tmp_path / "copy" / "polycats"  # a tree without .git, as on a machine the code was copied to
+    copy.mkdir(parents=True)
+    monkeypatch.setattr(experiment.polycats, "__file__", str(copy / "__init__.py"))
+    monkeypatch.delenv("POLYCATS_COMMIT", raising=False)
+    assert experiment.source_commit() == "unknown"
+    monkeypatch.setenv("POLYCATS_COMMIT", "1234abcd")
+    assert experiment.source_commit() == "1234abcd"
 
 
 def test_bad_grid_files_are_one_line_errors(tmp_path):

@@ -15,6 +15,7 @@ the git commit it ran from, and a grid refuses to mix commits unless told to.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,7 +94,8 @@ def load_grid(path: Path) -> tuple[GridSpec, Path]:
 
 def source_commit() -> str:
     """The git commit of the polycats source that runs (``+dirty`` with uncommitted changes to
-    tracked files), or ``unknown`` outside a git checkout."""
+    tracked files). Outside a git checkout (a copied tree, an image): ``$POLYCATS_COMMIT`` as the
+    copier states it, else ``unknown``."""
     root = Path(polycats.__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -103,7 +105,7 @@ def source_commit() -> str:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("POLYCATS_COMMIT") or "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
