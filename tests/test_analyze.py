@@ -1,12 +1,13 @@
-"""analyze on a real (tiny) run: files, figures, the HiRes/LoRes summary, and periodic training
-diagnostics that do not change training."""
+"""analyze on a real (tiny) run: files, figures, the HiRes/LoRes summary, solves that run out of
+budget reported as such, the progress bar, and periodic training diagnostics that do not change
+training."""
 
 import json
 
 import pytest
 
 from polycats.config import config_from_dict
-from polycats.diagnostics.analyze import DiagnosticSettings, analyze_run
+from polycats.diagnostics.analyze import DiagnosticSettings, DiagnosticsNotConvergedWarning, analyze_run
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
@@ -40,6 +41,33 @@ def test_analyze_writes_similarity_curvature_and_figures_for_every_snapshot(tiny
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "summary.json").read_text())
     assert saved["checkpoints"] == json.loads(json.dumps(summary["checkpoints"]))
+    for row in saved["checkpoints"]:
+        eigenvalues = {key for key in row if key.startswith("lambda_")}
+        assert set(row["converged"]) == set(row["matvecs"]) == eigenvalues
+        assert all(row["converged"].values()) and all(0 < n <= 30 for n in row["matvecs"].values())
+
+
+def test_a_solve_out_of_budget_is_reported_not_waited_out(tiny_run):
+    """Two products cannot reach tol 1e-4: every eigenvalue is marked converged=false in
+    summary.json, after exactly its budget, with one warning line per checkpoint."""
+    with pytest.warns(DiagnosticsNotConvergedWarning) as caught:
+        analyze_run(tiny_run, settings=DiagnosticSettings(sentences=4, max_iter=2))
+    assert [str(w.message).split(":")[0] for w in caught] == ["update 2", "update 4"]
+    assert "lambda_max/combined" in str(caught[0].message) and "\n" not in str(caught[0].message)
+    saved = json.loads((tiny_run / "analysis" / "summary.json").read_text())
+    for row in saved["checkpoints"]:
+        assert row["converged"] and not any(row["converged"].values())
+        assert set(row["matvecs"].values()) == {2}
+        assert row["lambda_max/combined"] is not None
+
+
+def test_progress_bar_names_the_checkpoint_and_each_solve(tiny_run, capsys):
+    settings = DiagnosticSettings(sentences=4, tol=1e-2, max_iter=30, include_tasks=False)
+    analyze_run(tiny_run, checkpoint="last", settings=settings, progress=True)
+    shown = capsys.readouterr().out
+    assert "checkpoints" in shown and "λ combined" in shown and "products" in shown
+    analyze_run(tiny_run, checkpoint="last", settings=settings)  # stdout is not a terminal: no bar
+    assert capsys.readouterr().out == ""
 
 
 def test_periodic_diagnostics_are_logged_without_changing_training(tmp_path):

@@ -224,6 +224,27 @@ def test_translate_an_unknown_direction(ws, run):
     assert_one_line_error(process, "fr-en", "de-en")
 
 
+def test_analyze_warns_in_one_line_when_a_solve_runs_out_of_budget(ws, run):
+    process = ws.invoke("analyze", "run", "--sentences", "4", "--max-iter", "2")
+    out, err = text(process)
+    assert process.returncode == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "update 2: " in warnings[0] and "did not converge" in warnings[0], err
+    assert "lambda_max/combined" in warnings[0] and "--max-iter" in warnings[0]
+    assert "did not converge" in out and " *" in out
+
+
+def test_analyze_defaults_are_the_library_defaults():
+    """The CLI's options repeat DiagnosticSettings' defaults (the CLI imports no torch up front)."""
+    from polycats.cli import app
+    from polycats.diagnostics.analyze import DiagnosticSettings
+
+    options = {param.name: param.default for param in typer.main.get_command(app).commands["analyze"].params}
+    defaults = DiagnosticSettings()
+    for name in ("sentences", "method", "tol", "max_iter", "seed"):
+        assert options[name] == getattr(defaults, name), name
+
+
 # ------------------------------------------------------------------------------ checkpoint errors (what evaluate/translate print)
 
 def test_checkpoint_errors_are_one_line(tmp_path):

@@ -120,8 +120,10 @@ def analyze(
     run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
     checkpoint: Annotated[Optional[str], typer.Option(help="best, last or a .pt path (default: every update_N.pt snapshot, for curves)")] = None,
     sentences: Annotated[int, typer.Option(help="training sentences per task in the fixed diagnostic batches")] = 32,
-    method: Annotated[str, typer.Option(help="power_iteration or lanczos")] = "power_iteration",
-    tol: Annotated[float, typer.Option(help="relative tolerance of the eigenvalue")] = 1e-3,
+    method: Annotated[str, typer.Option(help="lanczos (top end only) or power_iteration")] = "lanczos",
+    tol: Annotated[float, typer.Option(help="relative tolerance of the eigenvalue (Lanczos: its residual bound)")] = 1e-4,
+    max_iter: Annotated[int, typer.Option(help="budget of Hessian-vector products per eigenvalue (power iteration: per run, "
+                                               "up to two runs); a solve that uses it all is reported as not converged")] = 100,
     seed: Annotated[int, typer.Option(help="seed of the diagnostic batches and the eigen solver")] = 0,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
@@ -131,18 +133,27 @@ def analyze(
 
     if method not in ("power_iteration", "lanczos"):
         raise PolycatsError(f"--method must be power_iteration or lanczos, not '{method}'")
-    if sentences < 1 or tol <= 0:
-        raise PolycatsError("--sentences must be >= 1 and --tol > 0")
-    summary = analyze_run(run_dir, checkpoint, DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol))
+    if sentences < 1 or tol <= 0 or max_iter < 1:
+        raise PolycatsError("--sentences and --max-iter must be >= 1 and --tol > 0")
+    settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter)
+    summary = analyze_run(run_dir, checkpoint, settings)
     rows = summary["checkpoints"]
-    keys = sorted({k for row in rows for k in row if k != "update"})
+    keys = sorted({k for row in rows for k, v in row.items() if k != "update" and not isinstance(v, dict)})
     table = Table(title=f"{run_dir} — diagnostics (λ_max: largest algebraic Hessian eigenvalue)")
     table.add_column("measure")
     for row in rows:
         table.add_column(f"update {row['update']}", justify="right")
+
+    def cell(row: dict, key: str) -> str:
+        if row.get(key) is None:
+            return "—"
+        return f"{row[key]:.4g}" + ("" if row["converged"].get(key, True) else " *")
+
     for key in keys:
-        table.add_row(key, *(f"{row[key]:.4g}" if row.get(key) is not None else "—" for row in rows))
+        table.add_row(key, *(cell(row, key) for row in rows))
     console.print(table)
+    if any(not ok for row in rows for ok in row["converged"].values()):
+        console.print(f"* did not converge to tol {tol:g} within {settings.budget} Hessian-vector products (see the warnings)")
     console.print(f"written: {Path(run_dir) / 'analysis'}")
 
 
