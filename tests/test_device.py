@@ -119,9 +119,11 @@ def test_cuda_without_cuda_is_a_one_line_error_on_every_command(tmp_path, monkey
                  ("train", "tiny.yaml", "--out", "never", "--set", "train.device=cuda"),
                  ("evaluate", "run", "--device", "cuda"),
                  ("translate", "run", "--src-lang", "de", "--tgt-lang", "en", "--device", "cuda"),
+                 ("analyze", "run", "--checkpoint", "last", "--device", "cuda"),
                  ("experiment", "grid.yaml", "--out", "grid", "--device", "cuda")):
         assert_one_line_error(*invoke(*args, cwd=tmp_path), NO_CUDA)
     assert not (tmp_path / "never").exists() and not (tmp_path / "grid").exists()
+    assert not (tmp_path / "run" / "analysis").exists()
     assert_one_line_error(*invoke("train", "tiny.yaml", "--out", "never", "--device", "tpu", cwd=tmp_path), "train.device", "tpu")
     assert_one_line_error(*invoke("evaluate", "run", "--device", "tpu", cwd=tmp_path), "auto, cpu or cuda")
 

@@ -125,6 +125,7 @@ def analyze(
     max_iter: Annotated[int, typer.Option(help="budget of Hessian-vector products per eigenvalue (power iteration: per run, "
                                                "up to two runs); a solve that uses it all is reported as not converged")] = 100,
     seed: Annotated[int, typer.Option(help="seed of the diagnostic batches and the eigen solver")] = 0,
+    device: DeviceOption = None,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
     from rich.table import Table
@@ -136,7 +137,7 @@ def analyze(
     if sentences < 1 or tol <= 0 or max_iter < 1:
         raise PolycatsError("--sentences and --max-iter must be >= 1 and --tol > 0")
     settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter)
-    summary = analyze_run(run_dir, checkpoint, settings)
+    summary = analyze_run(run_dir, checkpoint, settings, device=device)
     rows = summary["checkpoints"]
     keys = sorted({k for row in rows for k, v in row.items() if k != "update" and not isinstance(v, dict)})
     table = Table(title=f"{run_dir} — diagnostics (λ_max: largest algebraic Hessian eigenvalue)")

@@ -152,6 +152,7 @@ def analyze_run(
     checkpoint: str | None = None,
     settings: DiagnosticSettings = DiagnosticSettings(),
     progress: bool | None = None,
+    device: str | None = None,
 ) -> dict:
     """Analyse one checkpoint (``best``, ``last`` or a path) or, by default, every snapshot.
 
@@ -159,15 +160,17 @@ def analyze_run(
     checkpoints), ``summary.json`` and the figures. Each checkpoint's row of ``summary.json`` has
     the numbers, plus ``converged`` and ``matvecs`` per eigenvalue; a solve that did not converge
     also gives a :class:`DiagnosticsNotConvergedWarning`. ``progress``: a progress bar per
-    snapshot and per solve (default: when stdout is a terminal).
+    snapshot and per solve (default: when stdout is a terminal). ``device``: auto, cpu or cuda
+    (default: the run's ``train.device``).
     """
     from polycats.data.batching import sampling_probabilities
     from polycats.train.checkpoint import load_checkpoint
-    from polycats.train.run_dir import RunDir, build_balancer, build_model
+    from polycats.train.run_dir import RunDir, build_balancer, build_model, resolve_device
     from polycats.report.figures import similarity_heatmap, training_curves
 
     run = RunDir(run_dir)
     config = run.config()
+    target_device = resolve_device(device or config.train.device)  # --device, else train.device; before anything is written
     data = run.prepared(config)
     if checkpoint is None:
         targets = run_snapshots(run.checkpoints)
@@ -183,7 +186,7 @@ def analyze_run(
     out = run.path / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     curves, curvature_all = [], {}
-    model = build_model(config, data.vocab_size)
+    model = build_model(config, data.vocab_size).to(target_device)
     with progress_bar(sys.stdout.isatty() if progress is None else progress) as bar:
         snapshots = bar.add_task("checkpoints", total=len(targets), status="")
         solve = bar.add_task("", total=None, status="")
