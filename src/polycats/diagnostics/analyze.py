@@ -11,7 +11,6 @@ batches with one equal share per task.
 
 from __future__ import annotations
 
-import random
 import re
 import sys
 import warnings
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polycats.data.batching import collate
+from polycats.data.batching import sample_batch
 from polycats.data.prepare import PAD, PreparedData
 from polycats.diagnostics.curvature import ExtremeEigenvalues, curvature_report
 from polycats.diagnostics.gradients import LossClosure, gradient_similarity, translation_loss
@@ -70,8 +69,7 @@ def diagnostic_closures(model: Transformer, data: PreparedData, sentences: int, 
     """One fixed, seeded batch of training sentences per task, as token-NLL closures."""
     closures = {}
     for index, (task, arrays) in enumerate(data.split("train").items()):
-        rows = random.Random(f"{seed}/{task}/diagnostics").sample(range(len(arrays)), min(sentences, len(arrays)))
-        batch = collate([arrays.src[i] for i in rows], [arrays.tgt[i] for i in rows], [index] * len(rows))
+        batch = sample_batch(arrays, index, sentences, f"{seed}/{task}/diagnostics")
         closures[task] = translation_loss(model, batch.src, batch.tgt_in, batch.tgt_out, PAD)
     return closures
 
