@@ -11,18 +11,16 @@ parsing, error handling, stderr text and exit code.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 import typer
+from cli_runner import assert_one_line_error, run_cli, text
 
 TINY = """\
 name: tiny
@@ -66,40 +64,8 @@ class Workspace:
         return self.jobs[name].result()
 
     def invoke(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-        """``polycats ARGS`` in-process, through ``polycats.cli.main`` (what the console script runs)."""
-        from polycats.cli import main
-
-        out, err = io.StringIO(), io.StringIO()
-        old_cwd = os.getcwd()
-        os.chdir(self.root)
-        try:
-            with mock.patch.object(sys, "argv", ["polycats", *args]), \
-                    mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")), \
-                    mock.patch.dict(os.environ, {"POLYCATS_CACHE": str(self.cache)}), \
-                    redirect_stdout(out), redirect_stderr(err):
-                try:
-                    main()
-                    code = 0
-                except SystemExit as exit_:
-                    code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        finally:
-            os.chdir(old_cwd)
-        return subprocess.CompletedProcess(list(args), code, out.getvalue().encode(), err.getvalue().encode())
-
-
-def text(process: subprocess.CompletedProcess) -> tuple[str, str]:
-    return process.stdout.decode("utf-8", "replace"), process.stderr.decode("utf-8", "replace")
-
-
-def assert_one_line_error(process: subprocess.CompletedProcess, *fragments: str) -> str:
-    out, err = text(process)
-    assert process.returncode == 2, (process.returncode, out, err)
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        """``polycats ARGS`` in-process, with this workspace's prepared-data cache."""
+        return run_cli(args, self.root, stdin, {"POLYCATS_CACHE": str(self.cache)})
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,13 @@ evaluates, translates and analyses on it, and loads its checkpoint on the CPU.""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import sys
 from collections import OrderedDict
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from cli_runner import assert_one_line_error, run_cli, text
 
 from polycats.config import config_from_dict
 from polycats.errors import PolycatsError
@@ -54,34 +50,9 @@ def last_state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # no map_location: tensors are on the CPU
 
 
-def invoke(*args: str, cwd: Path) -> tuple[int, str]:
-    """``polycats ARGS`` in-process through ``polycats.cli.main``: (exit code, stderr)."""
-    from polycats.cli import main
-
-    err = io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with mock.patch.object(sys, "argv", ["polycats", *args]), \
-                mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"w1 w2\n"), encoding="utf-8")), \
-                redirect_stdout(io.StringIO()), redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        os.chdir(old)
-    return code, err.getvalue()
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, (code, err)
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def invoke(*args: str, cwd: Path):
+    """``polycats ARGS`` in-process from ``cwd`` (stdin: one sentence, for translate)."""
+    return run_cli(args, cwd, stdin=b"w1 w2\n")
 
 
 # ------------------------------------------------------------------------------ config and errors
@@ -112,8 +83,8 @@ def test_cuda_without_cuda_is_a_one_line_error_on_every_command(tmp_path, monkey
     (tmp_path / "tiny.yaml").write_text(json.dumps(tiny()), encoding="utf-8")  # JSON is YAML
     (tmp_path / "grid.yaml").write_text("name: g\nbase: tiny.yaml\nmethods: [T=1]\n", encoding="utf-8")
     monkeypatch.setenv("POLYCATS_CACHE", str(tmp_path / "cache"))
-    code, err = invoke("train", "tiny.yaml", "--out", "run", "--device", "cpu", "--set", "train.max_updates=1", cwd=tmp_path)
-    assert code == 0, err
+    trained = invoke("train", "tiny.yaml", "--out", "run", "--device", "cpu", "--set", "train.max_updates=1", cwd=tmp_path)
+    assert trained.returncode == 0, text(trained)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for args in (("train", "tiny.yaml", "--out", "never", "--device", "cuda"),
                  ("train", "tiny.yaml", "--out", "never", "--set", "train.device=cuda"),
@@ -121,11 +92,11 @@ def test_cuda_without_cuda_is_a_one_line_error_on_every_command(tmp_path, monkey
                  ("translate", "run", "--src-lang", "de", "--tgt-lang", "en", "--device", "cuda"),
                  ("analyze", "run", "--checkpoint", "last", "--device", "cuda"),
                  ("experiment", "grid.yaml", "--out", "grid", "--device", "cuda")):
-        assert_one_line_error(*invoke(*args, cwd=tmp_path), NO_CUDA)
+        assert_one_line_error(invoke(*args, cwd=tmp_path), NO_CUDA)
     assert not (tmp_path / "never").exists() and not (tmp_path / "grid").exists()
     assert not (tmp_path / "run" / "analysis").exists()
-    assert_one_line_error(*invoke("train", "tiny.yaml", "--out", "never", "--device", "tpu", cwd=tmp_path), "train.device", "tpu")
-    assert_one_line_error(*invoke("evaluate", "run", "--device", "tpu", cwd=tmp_path), "auto, cpu or cuda")
+    assert_one_line_error(invoke("train", "tiny.yaml", "--out", "never", "--device", "tpu", cwd=tmp_path), "train.device", "tpu")
+    assert_one_line_error(invoke("evaluate", "run", "--device", "tpu", cwd=tmp_path), "auto, cpu or cuda")
 
 
 # ------------------------------------------------------------------------------ CPU: nothing changes
