@@ -127,6 +127,17 @@ def test_beam_finds_the_optimum_where_greedy_does_not(beam, lenpen, expected):
     assert hyp.score == pytest.approx(best_score, abs=1e-9)
 
 
+@pytest.mark.parametrize("beam", [1, 2, 3])
+def test_banned_tokens_are_never_generated(beam):
+    """b is the best first token and in every best output; banned, the search finds outputs
+    without it and scores them truly (unk and language tags are banned so in translation)."""
+    model = handmade_markov()
+    src = torch.tensor([markov_source(0, 5, 5)])
+    [hyp] = search(model, src, **IDS, beam=beam, lenpen=1.0, max_len_a=1.0, max_len_b=0, banned=[4])
+    assert hyp.tokens and 4 not in hyp.tokens
+    assert hyp.score == pytest.approx(sequence_score(model, 0, hyp.tokens, 1.0), abs=1e-9)
+
+
 def random_markov(seed: int, n_tables: int, vocab: int = 5, positions: int = 3, scale: float = 2.0) -> MarkovModel:
     g = torch.Generator().manual_seed(seed)
     return MarkovModel(scale * torch.randn(n_tables, positions, vocab, vocab, generator=g, dtype=torch.float64))
@@ -359,3 +370,5 @@ def test_bad_arguments():
         search(model, src, **IDS, beam=0)
     with pytest.raises(ValueError, match="max_len_cap"):
         search(model, src, **IDS, max_len_cap=0)
+    with pytest.raises(ValueError, match="eos"):
+        search(model, src, **IDS, banned=[EOS])

@@ -20,7 +20,8 @@ token; ``lenpen > 1`` favours longer outputs still.
 Rules on every step (log-probabilities come from a log-softmax over the full vocabulary; banned
 tokens are then set to -inf without renormalising, as fairseq does):
 
-- ``pad`` is never generated, and neither is ``bos`` (unless it is the same id as ``eos``);
+- ``pad`` is never generated, and neither is ``bos`` (unless it is the same id as ``eos``) or
+  any id in ``banned`` (for a translation model: unk and the target-language tags);
 - min length 1: ``eos`` is banned at the first step, so outputs are never empty;
 - max length ``floor(max_len_a * src_len + max_len_b)`` tokens before eos, where ``src_len``
   counts the non-pad source tokens of *that* sentence (optionally capped by ``max_len_cap``);
@@ -41,7 +42,7 @@ dedicated path.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, Self
@@ -113,12 +114,14 @@ def search(
     max_len_a: float = 1.2,
     max_len_b: int = 10,
     max_len_cap: int | None = None,
+    banned: Sequence[int] = (),
 ) -> list[Hypothesis]:
     """Best hypothesis (tokens and score) per source row of ``src`` [batch, src_len].
 
     ``src`` is right-padded with ``pad_id`` and lives on the model's device. ``max_len_cap``
     bounds the output length whatever the source length; for a model with a fixed position table
-    pass ``max_positions - 1`` (bos plus ``max_len`` tokens are fed). The model is put in eval
+    pass ``max_positions - 1`` (bos plus ``max_len`` tokens are fed). ``banned``: ids never
+    generated (eos cannot be one of them: every hypothesis ends with it). The model is put in eval
     mode for the search (and put back in training mode afterwards if it was) and everything runs
     under ``torch.inference_mode()``.
 
@@ -133,8 +136,10 @@ def search(
         raise ValueError(f"beam must be >= 1, got {beam}")
     if src.dim() != 2 or src.shape[0] == 0:
         raise ValueError(f"src must be a non-empty [batch, src_len] tensor, got shape {tuple(src.shape)}")
+    if eos_id in banned:
+        raise ValueError(f"eos ({eos_id}) cannot be banned: every hypothesis ends with it")
     limits = max_lengths(src, pad_id=pad_id, max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=max_len_cap)
-    ids = _SpecialIds(bos=bos_id, eos=eos_id, pad=pad_id)
+    ids = _SpecialIds(bos=bos_id, eos=eos_id, pad=pad_id, banned=tuple(banned))
     with _inference(model):
         if beam == 1:
             tokens, lengths, scores = _greedy(model, src, limits, ids, lenpen)
@@ -153,6 +158,7 @@ class _SpecialIds:
     bos: int
     eos: int
     pad: int
+    banned: tuple[int, ...] = ()
 
 
 @contextmanager
@@ -178,6 +184,8 @@ def _log_probs(logits: Tensor, step: int, at_limit: Tensor, ids: _SpecialIds) ->
     lprobs[:, ids.pad] = -math.inf
     if ids.bos != ids.eos:
         lprobs[:, ids.bos] = -math.inf
+    if ids.banned:
+        lprobs[:, list(ids.banned)] = -math.inf
     if step == 0:  # min length 1
         lprobs[:, ids.eos] = -math.inf
     # Rows at their limit are rare (the last step of a sentence): touch only those rows.

@@ -12,7 +12,7 @@ import numpy as np
 from polycats.config import Config
 from polycats.data.batching import collate
 from polycats.data.corpus import normalise
-from polycats.data.prepare import BOS, EOS, PAD, PreparedData
+from polycats.data.prepare import BOS, EOS, PAD, UNK, PreparedData, language_tag, task_languages
 from polycats.errors import PolycatsError
 from polycats.evaluate.beam import search
 from polycats.evaluate.scoring import build_eval_report, score_directions
@@ -21,8 +21,16 @@ from polycats.model.transformer import Transformer
 from polycats.train.run_dir import RunDir, set_threads
 
 
-def translate_ids(model: Transformer, sources: list, config: Config) -> list[list[int]]:
-    """Decode token-id sources in length-sorted batches (less padding), returned in input order."""
+def never_generated(data: PreparedData) -> list[int]:
+    """Ids a translation never contains: unk and every language tag. A barely trained model
+    emits tags (every source starts with one), which detokenise to ``<2xx>`` in the output."""
+    languages = {language for task in data.tasks for language in task_languages(task)}
+    return sorted({UNK, *(data.tokenizer.piece_to_id(language_tag(language)) for language in languages)})
+
+
+def translate_ids(model: Transformer, sources: list, config: Config, banned: list[int]) -> list[list[int]]:
+    """Decode token-id sources in length-sorted batches (less padding), returned in input order;
+    ``banned``: ids never generated (:func:`never_generated`)."""
     e = config.eval
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: list[list[int]] = [[] for _ in sources]
@@ -32,7 +40,8 @@ def translate_ids(model: Transformer, sources: list, config: Config) -> list[lis
         # collate wants targets; a one-token dummy keeps it shared with training batches.
         src = collate([sources[i] for i in rows], [sources[i][:1] for i in rows], [0] * len(rows)).src.to(device)
         hyps = search(model, src, bos_id=BOS, eos_id=EOS, pad_id=PAD, beam=e.beam, lenpen=e.lenpen,
-                      max_len_a=e.max_len_a, max_len_b=e.max_len_b, max_len_cap=model.shape.max_positions - 1)
+                      max_len_a=e.max_len_a, max_len_b=e.max_len_b, max_len_cap=model.shape.max_positions - 1,
+                      banned=banned)
         for row, hyp in zip(rows, hyps):
             outputs[row] = hyp.tokens
     return outputs
@@ -50,9 +59,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     model = run.load_model(which, config, data, device)
     references = data.references(split)
     arrays = data.split(split)
-    outputs = {}
+    outputs, banned = {}, never_generated(data)
     for task in data.tasks:
-        hyps = data.decode(translate_ids(model, arrays[task].src, config))
+        hyps = data.decode(translate_ids(model, arrays[task].src, config, banned))
         outputs[task] = (hyps, [item["ref"] for item in references[task]])
         atomic_write_text(run.path / "eval" / f"{split}.{task}.hyp", "".join(h + "\n" for h in hyps))
     report = build_eval_report(
@@ -82,6 +91,7 @@ def translate_lines(run_dir: str | Path, lines: list[str], src_lang: str, tgt_la
     sources = [np.asarray(ids if len(ids) <= limit else [*ids[: limit - 1], EOS], dtype=np.int32)
                for ids in data.encode_source([texts[i] for i in present], tgt_lang)]
     outputs = [""] * len(lines)
-    for i, text in zip(present, data.decode(translate_ids(model, sources, config)) if sources else []):
+    translated = data.decode(translate_ids(model, sources, config, never_generated(data))) if sources else []
+    for i, text in zip(present, translated):
         outputs[i] = text
     return outputs
