@@ -226,7 +226,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     torch.save({"model": {}, "path": Path("x")}, tmp_path / "unsafe.pt")  # needs a non-weights unpickler
     torch.save([1, 2], tmp_path / "not_a_dict.pt")
     torch.save({"model": {}, "version": 99}, tmp_path / "newer.pt")
-    expected = {"truncated": "corrupt", "empty": "corrupt", "directory": "cannot read", "unsafe": "not a safe",
+    expected = {"truncated": "corrupt", "empty": "corrupt", "directory": "cannot read", "unsafe": "not a polycats checkpoint",
                 "not_a_dict": "no 'model'", "newer": "newer polycats", "missing": "does not exist"}
     for name, fragment in expected.items():
         with pytest.raises(PolycatsError) as caught:

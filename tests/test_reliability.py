@@ -6,7 +6,6 @@ errors. (Kills and signals at random moments: tests/test_crash_resume.py.)"""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -14,10 +13,10 @@ import pickle
 import shutil
 import signal
 import string
-import sys
-from contextlib import redirect_stderr, redirect_stdout
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -35,6 +34,8 @@ from polycats.train.checkpoint import (
 from polycats.train.metrics import read_metrics
 from polycats.train.run_dir import RunDir, build_balancer
 from polycats.train.trainer import NAN_HOOK, Trainer, train
+
+from cli_runner import assert_one_line_error, run_cli, text as cli_text
 
 # The data section of tests/test_crash_resume.py: prepared once per session for both.
 TINY = {
@@ -136,7 +137,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_and_resumes_ex
     last = run_to_8 / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # cut short
     (run_to_8 / "checkpoints" / ".last.pt.x1y2.tmp").write_bytes(b"left by a killed write")
-    with pytest.warns(CheckpointFallbackWarning, match=r"last\.pt is corrupt.*resuming from .*last\.prev\.pt \(update 4\)"):
+    with pytest.warns(CheckpointFallbackWarning, match=r"last\.pt: not a polycats checkpoint \(or corrupt\).*resuming from .*last\.prev\.pt \(update 4\)"):
         train(tiny(), run_to_8, progress=False)
     assert_same_run(straight, run_to_8)
     assert (run_to_8 / "checkpoints" / "last.pt.unusable").exists()  # kept aside, never rotated into last.prev.pt
@@ -190,7 +191,7 @@ def test_a_malicious_pickle_is_refused_everywhere(tmp_path):
     for name in ("zip.pt", "legacy.pt"):
         with pytest.raises(CorruptCheckpoint) as caught:
             load_checkpoint(tmp_path / name)
-        assert "not a safe polycats checkpoint" in one_line(caught.value)
+        assert f"{name}: not a polycats checkpoint (or corrupt)" in one_line(caught.value)
     # In a run directory: resume and evaluate/translate refuse it too.
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -198,7 +199,7 @@ def test_a_malicious_pickle_is_refused_everywhere(tmp_path):
         shutil.copy(tmp_path / "zip.pt", run / "checkpoints" / name)
     with pytest.raises(PolycatsError, match="no usable checkpoint"):
         train(tiny(), run, progress=False)
-    with pytest.raises(PolycatsError, match="not a safe"):
+    with pytest.raises(PolycatsError, match="not a polycats checkpoint"):
         RunDir(run).load_model("best")
     assert not marker.exists()
 
@@ -252,17 +253,11 @@ def test_one_trainer_per_run_directory(tmp_path):
 
 
 def test_the_cli_reports_a_locked_run_directory_in_one_line(tmp_path):
-    from polycats.cli import main
-
     (tmp_path / "tiny.yaml").write_text(tiny().to_yaml(), encoding="utf-8")
     holder = Trainer(tiny(), tmp_path / "run", progress=False)
-    err = io.StringIO()
-    with mock.patch.object(sys, "argv", ["polycats", "train", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run")]), \
-            redirect_stderr(err), redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_:
-        main()
+    process = run_cli(["train", "tiny.yaml", "--out", "run"], tmp_path)
     holder.close()
-    assert exit_.value.code == 2
-    assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1 and "in use" in err.getvalue()
+    assert_one_line_error(process, "in use")
 
 
 def test_a_lock_file_left_by_a_dead_process_does_not_block(tmp_path):
@@ -568,26 +563,12 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
-def invoke(*argv: str, stdin: bytes) -> tuple[int, str, str]:
-    from polycats.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", ["polycats", *argv]), \
-            mock.patch.object(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")), \
-            redirect_stdout(out), redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stdin=file_bytes | st.lists(line, max_size=4).map(lambda lines: "\n".join(lines).encode()),
        src=st.sampled_from(["sw", "sw", "sw", "de", "en", "xx", "", "sw\n", "-"]))
 def test_translate_any_input_gives_one_line_per_line_or_one_clear_error(trained, stdin, src):
-    code, out, err = invoke("translate", str(trained), "--src-lang", src, "--tgt-lang", "en", stdin=stdin)
+    process = run_cli(["translate", str(trained), "--src-lang", src, "--tgt-lang", "en"], trained, stdin)
+    code, (out, err) = process.returncode, cli_text(process)
     assert "Traceback" not in err
     event("translated" if code == 0 else f"error: {err[:30]}")
     if code == 0:
@@ -596,3 +577,232 @@ def test_translate_any_input_gives_one_line_per_line_or_one_clear_error(trained,
         assert out.count("\n") == expected and not err
     else:
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------ the file system (CLI)
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """``directory`` (and what is in it) read-only inside the block. Permission bits bind a normal
+    user; root ignores them, so as root: a read-only bind mount (skipped where mounting is not
+    allowed)."""
+    if os.geteuid() != 0:
+        modes = {path: path.stat().st_mode for path in [directory, *directory.rglob("*")]}
+        for path, mode in modes.items():
+            path.chmod(mode & ~0o222)
+        try:
+            yield
+        finally:
+            for path, mode in modes.items():
+                path.chmod(mode)
+        return
+    if subprocess.run(["mount", "--bind", directory, directory], capture_output=True).returncode != 0:
+        pytest.skip("no way to make a read-only directory here (root, and mount is not allowed)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", directory], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", directory], check=True, capture_output=True)
+
+
+@contextmanager
+def unwritable(kind: str, tmp_path: Path) -> Iterator[Path]:
+    """A path that cannot be written: under a file, under /proc, or in a read-only directory."""
+    if kind == "file":
+        (tmp_path / "a-file").write_text("keep me\n")
+        yield tmp_path / "a-file"
+        assert (tmp_path / "a-file").read_text() == "keep me\n"
+    elif kind == "proc":
+        yield Path("/proc/polycats-test")
+    else:
+        (tmp_path / "ro").mkdir()
+        with read_only(tmp_path / "ro"):
+            yield tmp_path / "ro" / "out"
+        assert not list((tmp_path / "ro").iterdir())  # nothing half-written
+
+
+KINDS = ["file", "proc", "read-only"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_that_cannot_be_written_is_one_line_naming_POLYCATS_CACHE(tmp_path, kind):
+    (tmp_path / "tiny.yaml").write_text(tiny().to_yaml(), encoding="utf-8")
+    with unwritable(kind, tmp_path) as cache:
+        process = run_cli(["prepare", "tiny.yaml"], tmp_path, env={"POLYCATS_CACHE": str(cache)})
+    assert_one_line_error(process, str(cache), "set POLYCATS_CACHE to a writable directory")
+
+
+def test_an_empty_POLYCATS_CACHE_is_unset(monkeypatch):
+    from polycats.config import cache_dir
+
+    monkeypatch.setenv("POLYCATS_CACHE", "")
+    assert cache_dir() == Path.home() / ".cache" / "polycats"  # not the current directory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["train", "demo", "report"])
+def test_an_out_that_cannot_be_written_is_one_line_and_nothing_runs(trained, tmp_path, command, kind):
+    (tmp_path / "tiny.yaml").write_text(tiny().to_yaml(), encoding="utf-8")
+    with unwritable(kind, tmp_path) as out:
+        args = {"train": ["train", "tiny.yaml"], "demo": ["demo"], "report": ["report", str(trained)]}[command]
+        process = run_cli([*args, "--out", str(out)], tmp_path)
+    assert_one_line_error(process, str(out if kind == "file" else out.parent), "writable")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "analyze", "train"])
+def test_a_read_only_run_directory_is_one_line_naming_it(trained, tmp_path, command):
+    """evaluate writes eval/, analyze analysis/, and a resumed train everything: refused at once."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (tmp_path / "tiny.yaml").write_text(tiny(train={"max_updates": 4}).to_yaml(), encoding="utf-8")
+    args = {"evaluate": ["evaluate", str(run)], "analyze": ["analyze", str(run), "--checkpoint", "last"],
+            "train": ["train", "tiny.yaml", "--out", str(run)]}[command]
+    before = sorted(path.relative_to(run) for path in run.rglob("*"))
+    with read_only(run):
+        process = run_cli(args, tmp_path)
+    assert_one_line_error(process, str(run), "make it writable")
+    assert sorted(path.relative_to(run) for path in run.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------ CLI usage and numbers
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "tiny.yaml"], "Missing option '--out'"),
+    (["analyze", "run", "--sentences", "abc"], "'--sentences'"),
+    (["evaluate"], "Missing argument"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_are_one_line_like_every_other_error(tmp_path, args, fragment):
+    """Click's own are a usage line, a hint and a box."""
+    assert_one_line_error(run_cli(args, tmp_path), fragment, "--help")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tol", "nan"], "--tol"), (["--tol", "inf"], "--tol"), (["--tol", "0"], "--tol"), (["--tol", "1"], "--tol"),
+    (["--tol", "-1e-4"], "--tol"), (["--sentences", "0"], "--sentences"), (["--max-iter", "0"], "--max-iter"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_numeric_options_out_of_range_are_refused_before_any_work(trained, args, fragment):
+    """``analyze --tol nan`` once ran for minutes and wrote NaN into summary.json."""
+    assert_one_line_error(run_cli(["analyze", str(trained), *args], trained), fragment)
+    assert not (trained / "analysis").exists()
+
+
+def test_experiment_workers_must_be_positive(tmp_path):
+    assert_one_line_error(run_cli(["experiment", "grid.yaml", "--out", "x", "--workers", "0"], tmp_path), "--workers")
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ config hardening
+
+@pytest.mark.parametrize("text, fragment", [
+    ("data: {source: synthetic, languages: {de: true}}\n", "field 'data.languages.de': Input should be a valid integer"),
+    ("data: {source: synthetic, languages: {de: '10'}}\n", "field 'data.languages.de'"),
+    ("data: {source: synthetic, languages: {de: 10}}\ntrain: {max_updates: false}\n", "field 'train.max_updates'"),
+    ("data: {source: synthetic, languages: {de: 10, sw: 5, de: 20}}\n", "line 1: duplicate key 'de'"),
+    ("data: {source: synthetic, languages: {de: 10}}\ntrain: {lr: 0.1}\ndata: {source: synthetic, languages: {de: 2}}\n",
+     "line 3: duplicate key 'data'"),
+    ("base: &b {source: synthetic, languages: {de: 10}}\ndata: *b\n", "line 2: YAML aliases (*b) are not allowed"),
+])
+def test_config_values_that_were_silently_accepted(tmp_path, text, fragment):
+    """``de: true`` was 1 pair, a repeated key or section silently replaced the first."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(PolycatsError) as caught:
+        load_config(path)
+    assert fragment in one_line(caught.value) and "c.yaml" in str(caught.value)
+
+
+def test_a_yaml_alias_bomb_fails_fast(tmp_path):
+    """Nine levels of nine aliases: 477 bytes that expand to 9**9 values (the loader hung)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert len(path.read_bytes()) < 500
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the alias bomb was not refused within 10 s"))
+    signal.alarm(10)
+    try:
+        with pytest.raises(PolycatsError, match=r"line 2: YAML aliases \(\*a0\) are not allowed"):
+            load_config(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_yaml_1_2_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string, which the strict number fields refuse."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: synthetic, languages: {de: 10}}\ntrain: {lr: 1e-3}\n", encoding="utf-8")
+    assert load_config(path).train.lr == 1e-3
+    assert load_config(path, ["train.lr=2E-4", "train.max_updates=10"]).train.lr == 2e-4
+
+
+# ------------------------------------------------------------------------------ messages, modes, decoding
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a checkpoint at all", None], ids=["empty", "zip", "text", "unsafe"])
+def test_a_corrupt_checkpoint_says_so_in_our_words(tmp_path, content):
+    """Not torch's weights_only essay, cut mid-word."""
+    path = tmp_path / "x.pt"
+    if content is None:
+        torch.save({"model": {}, "path": Path("x")}, path)  # an object the safe unpickler refuses
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CorruptCheckpoint) as caught:
+        load_checkpoint(path)
+    assert one_line(caught.value) == f"{path}: not a polycats checkpoint (or corrupt); delete it or point to another checkpoint"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    from polycats.io import atomic_torch_save, atomic_write_json, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_write_json(tmp_path / "a.json", {})
+        atomic_torch_save({}, tmp_path / "a.pt")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.txt", "a.json", "a.pt", "plain"], 0o666 & ~umask)
+
+
+def test_a_trained_run_has_no_private_files(straight):
+    """config.yaml and the checkpoints were 0600 beside 0644 metrics."""
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    for path in [straight / "config.yaml", *(straight / "checkpoints").glob("*.pt")]:
+        assert mode(path) == mode(straight / "metrics.jsonl"), path
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decoding_never_emits_tags_or_unk_even_when_the_model_prefers_them(trained, monkeypatch, beam):
+    """A barely trained model's hypotheses held <2xx> tags (each source starts with one): here a
+    model biased towards tags and unk by +100 in its logits still translates into words."""
+    from polycats.data.prepare import UNK, language_tag
+    from polycats.evaluate.run import evaluate_run
+    from polycats.model.transformer import Transformer
+
+    run = RunDir(trained)
+    data = run.prepared()
+    preferred = [UNK, *(data.tokenizer.piece_to_id(language_tag(language)) for language in ("de", "sw", "en"))]
+    assert len(set(preferred)) == 4
+    decode = Transformer.decode
+    bias = torch.zeros(data.vocab_size)
+    bias[preferred] = 100.0
+    monkeypatch.setattr(Transformer, "decode", lambda self, tgt_in, cache: decode(self, tgt_in, cache) + bias)
+    config = (trained / "config.yaml").read_text()
+    try:
+        (trained / "config.yaml").write_text(config.replace("beam: 1", f"beam: {beam}"))
+        report = evaluate_run(trained, "test", "last")
+        process = run_cli(["translate", str(trained), "--src-lang", "sw", "--tgt-lang", "en"], trained,
+                          "\n".join(item["src"] for item in data.references("test")["sw-en"]).encode())
+    finally:
+        (trained / "config.yaml").write_text(config)
+    assert report["decoding"]["beam"] == beam
+    hypotheses = [(trained / "eval" / f"test.{task}.hyp").read_text() for task in data.tasks]
+    translations = cli_text(process)[0]
+    assert process.returncode == 0 and translations.strip()
+    for output in [*hypotheses, translations]:
+        assert "<2" not in output and "\u2047" not in output, output[:200]  # no tag, no unk (⁇)

@@ -1,7 +1,8 @@
 """The ``polycats`` command line: prepare → train → evaluate (→ translate), and the demo.
 
-Errors in the user's input are one line on stderr and exit code 2; ``--debug`` shows the
-traceback instead. ``train`` stopped by SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
+Errors in the user's input, usage errors and file-system errors on a named path are one line on
+stderr and exit code 2; ``--debug`` shows the traceback instead. ``train`` stopped by
+SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import typer
 from rich.console import Console
 
 from polycats.errors import Interrupted, PolycatsError, printable
+from polycats.io import unwritable_reason
 
 app = typer.Typer(
     help="Multilingual translation on imbalanced data: temperature sampling, CATS, diagnostics.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console()
 state = {"debug": False}
@@ -26,6 +28,36 @@ state = {"debug": False}
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/demo.yaml")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set train.max_updates=20")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: train.device of the config)")]
+
+
+def require_writable(directory: Path, option: str) -> None:
+    """Refuse an output directory files cannot be made in before any work starts (and before the
+    traceback the first write would give, hours later)."""
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise PolycatsError(f"{option} {directory}: {reason}; make it writable or choose another {option}")
+
+
+def require_writable_run(run_dir: Path, writes: str) -> None:
+    """``evaluate``/``analyze`` write into the run directory: refuse a read-only one up front."""
+    reason = unwritable_reason(run_dir) if run_dir.is_dir() else None
+    if reason is not None:
+        raise PolycatsError(f"{run_dir}: {reason}; this command writes {writes} there: make it writable "
+                            "or copy the run directory somewhere writable")
+
+
+def file_system_error(error: OSError) -> str:
+    """The one line for an OSError on a path that escaped a command: the path, what is wrong
+    with where it goes, and the setting to change."""
+    from polycats.config import cache_dir
+
+    path = Path(error.filename)
+    reason = unwritable_reason(path.parent) or error.strerror or str(error)
+    if path.resolve().is_relative_to(cache_dir().resolve()):
+        fix = f"set POLYCATS_CACHE to a writable directory (prepared data is cached there; now {cache_dir()})"
+    else:
+        fix = "make it writable or choose another location"
+    return f"cannot write {path}: {reason}; {fix}"
 
 
 @app.callback()
@@ -63,6 +95,7 @@ def train(
     from polycats.config import load_config
     from polycats.train.trainer import train as run_training
 
+    require_writable(out, "--out")
     valid = run_training(load_config(config, [*(set_ or []), f"train.device={device}"] if device else set_), out)
     console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
                   f"(metrics.jsonl, checkpoints/, tb/)")
@@ -79,6 +112,7 @@ def evaluate(
     from polycats.evaluate.run import evaluate_run
     from polycats.evaluate.scoring import render_table
 
+    require_writable_run(run_dir, "eval/")
     report = evaluate_run(run_dir, split, checkpoint, device)
     console.print(render_table(report, title=f"{run_dir} — {split}"))
     console.print(f"written: {Path(run_dir) / 'eval' / f'{split}.json'}")
@@ -119,12 +153,13 @@ def translate(
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="a trained run directory")],
     checkpoint: Annotated[Optional[str], typer.Option(help="best, last or a .pt path (default: every update_N.pt snapshot, for curves)")] = None,
-    sentences: Annotated[int, typer.Option(help="training sentences per task in the fixed diagnostic batches")] = 32,
+    sentences: Annotated[int, typer.Option(min=1, help="training sentences per task in the fixed diagnostic batches")] = 32,
     method: Annotated[str, typer.Option(help="lanczos (top end only) or power_iteration")] = "lanczos",
-    tol: Annotated[float, typer.Option(help="relative tolerance of the eigenvalue (Lanczos: its residual bound)")] = 1e-4,
-    max_iter: Annotated[int, typer.Option(help="budget of Hessian-vector products per eigenvalue (power iteration: per run, "
+    tol: Annotated[float, typer.Option(help="relative tolerance of the eigenvalue (Lanczos: its residual bound), "
+                                            "in (0, 1)")] = 1e-4,
+    max_iter: Annotated[int, typer.Option(min=1, help="budget of Hessian-vector products per eigenvalue (power iteration: per run, "
                                                "up to two runs); a solve that uses it all is reported as not converged")] = 100,
-    seed: Annotated[int, typer.Option(help="seed of the diagnostic batches and the eigen solver")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the diagnostic batches and the eigen solver")] = 0,
     device: DeviceOption = None,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
@@ -134,8 +169,9 @@ def analyze(
 
     if method not in ("power_iteration", "lanczos"):
         raise PolycatsError(f"--method must be power_iteration or lanczos, not '{method}'")
-    if sentences < 1 or tol <= 0 or max_iter < 1:
-        raise PolycatsError("--sentences and --max-iter must be >= 1 and --tol > 0")
+    if not 0 < tol < 1:  # written so that nan fails too
+        raise PolycatsError(f"--tol must be a number in (0, 1), e.g. 1e-4, not {tol}")
+    require_writable_run(run_dir, "analysis/")
     settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter)
     summary = analyze_run(run_dir, checkpoint, settings, device=device)
     rows = summary["checkpoints"]
@@ -173,7 +209,7 @@ def report(
 def experiment(
     grid: Annotated[Path, typer.Argument(help="grid file, e.g. configs/experiments/ted_like.yaml")],
     out: Annotated[Path, typer.Option("--out", help="experiment directory: runs/, index.json")],
-    workers: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="runs at a time, each in its own process")] = 1,
     allow_mixed_commits: Annotated[bool, typer.Option("--allow-mixed-commits", help="continue a grid whose runs "
                                                       "came from another git commit")] = False,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="run only this run name (repeatable)")] = None,
@@ -183,6 +219,7 @@ def experiment(
     interrupted ones resumed; OUT/index.json records config, commit, status and wall time."""
     from polycats.experiment import run_grid
 
+    require_writable(out, "--out")
     index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print, device=device)
     done = sum(1 for record in index["runs"].values() if record["status"] == "finished")
     console.print(f"{done}/{len(index['runs'])} runs finished: {out / 'index.json'}")
@@ -199,6 +236,7 @@ def demo(
     """The main job: T=1 vs T=5 vs CATS on the demo preset (Bible, de/fr vs sw/tl → en), with a summary."""
     from polycats.demo import run_demo
 
+    require_writable(out, "--out")
     run_demo(out, set_ or [], console, tuple(m.strip() for m in methods.split(",") if m.strip()))
 
 
@@ -213,7 +251,13 @@ def main() -> None:
     try:
         with warnings.catch_warnings():
             usual, warnings.showwarning = warnings.showwarning, show_warning
-            app()
+            # Not standalone: usage errors come here to be one line like the rest (click's own are a box).
+            code = app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        if code:  # --help and Ctrl-C exit through here; a command that ran returns None
+            sys.exit(code)
+    except typer.TyperException as error:  # click's usage errors: missing --out, --sentences abc, ...
+        print(f"error: {printable(error.format_message().rstrip('.'))}; add --help for usage", file=sys.stderr)
+        sys.exit(2)
     except Interrupted as error:  # a checkpoint was saved: not an error, but not a finished run either
         print(f"stopped: {printable(error)}", file=sys.stderr)
         sys.exit(128 + error.signal_number)
@@ -221,6 +265,11 @@ def main() -> None:
         if state["debug"]:
             raise
         print(f"error: {printable(error)}", file=sys.stderr)  # one line, whatever input it echoes
+        sys.exit(2)
+    except OSError as error:
+        if state["debug"] or error.filename is None:
+            raise
+        print(f"error: {printable(file_system_error(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from polycats.balance.cats import CatsConfig
 from polycats.balance.dro import DROConfig
@@ -28,7 +28,8 @@ from polycats.errors import PolycatsError, printable
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a number is a number, never true/false or a string ("de: true" is not 1 pair).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # Language codes name files (train.xx-en.xx), tags (<2xx>) and tasks (xx-en, split on "-").
@@ -74,7 +75,7 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     source: Literal["bible", "text", "hf_disk", "synthetic"] = "bible"
-    path: Path | None = Field(None, description="directory of the corpus (text, hf_disk)")
+    path: Annotated[Path, Strict(False)] | None = Field(None, description="directory of the corpus (text, hf_disk)")
     direction: Literal["m2o", "o2m"] = "m2o"
     pivot: str = "en"
     languages: dict[str, Annotated[int, Field(gt=0)]] = Field(
@@ -171,7 +172,7 @@ class TrainConfig(Section):
     max_tokens: int = Field(2048, gt=0, description="padded tokens per batch")
     lr: float = Field(1e-3, gt=0)
     warmup_updates: int = Field(500, ge=0, description="linear warm-up, then inverse square root decay")
-    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_betas: Annotated[tuple[float, float], Strict(False)] = (0.9, 0.98)  # YAML gives a list
     weight_decay: float = Field(0.0, ge=0)
     clip_norm: float = Field(1.0, ge=0, description="0 disables gradient clipping")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -222,17 +223,54 @@ class Config(Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class RefusedYaml(yaml.MarkedYAMLError):
+    """YAML that parses but that a config must not use (duplicate keys, aliases)."""
+
+
 class YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads no/yes/on/off as
-    booleans, which would turn language codes such as Norwegian ``no`` (OPUS-100) into ``False``."""
+    """SafeLoader with YAML 1.2 booleans and floats that refuses duplicate keys and aliases.
+
+    YAML 1.1 reads no/yes/on/off as booleans, which would turn language codes such as Norwegian
+    ``no`` (OPUS-100) into ``False``, and ``1e-3`` as a string (it wants ``1.0e-3``), which the
+    strict number fields would refuse. PyYAML keeps the last of duplicate keys without a word.
+    Aliases have no use in a config, and a few hundred bytes of nested ones expand to billions of
+    values in anything that walks the tree (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RefusedYaml(problem=f"YAML aliases (*{event.anchor}) are not allowed in a config; write the value out",
+                              problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: SafeLoader's own error follows
+                break
+            if duplicate:
+                raise RefusedYaml(problem=f"duplicate key {printable(key)!r}; write each key once",
+                                  problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regex) for tag, regex in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# Added after the int resolver, so 10 stays an int; a float has a '.' or an exponent (1e-3, 2.5, .5).
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
 )
 
 
@@ -322,6 +360,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise PolycatsError(f"cannot read config file {path}: {error}") from None
     try:
         tree = parse_yaml(text) or {}
+    except RefusedYaml as error:
+        raise PolycatsError(f"config file {path} line {error.problem_mark.line + 1}: {error.problem}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -336,8 +376,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def cache_dir() -> Path:
-    """Where prepared data (tokenizers, binarised shards) is cached: $POLYCATS_CACHE or ~/.cache/polycats."""
-    return Path(os.environ.get("POLYCATS_CACHE", Path.home() / ".cache" / "polycats"))
+    """Where prepared data (tokenizers, binarised shards) is cached: $POLYCATS_CACHE or ~/.cache/polycats.
+    An empty POLYCATS_CACHE is unset, as in a shell (``Path("")`` would be the current directory)."""
+    return Path(os.environ.get("POLYCATS_CACHE") or Path.home() / ".cache" / "polycats")
 
 
 def preset_path(name: str) -> Path:

@@ -27,15 +27,27 @@ def fsync_directory(directory: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask. It can only be read by setting it: set it back at once (0o022 in the
+    meantime, so a file another thread creates in that instant is not world-writable)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], previous: str | Path | None = None) -> None:
     """Write ``path`` through ``write(handle)``. With ``previous``, the file it replaces is kept
     there: renamed only once the new one is on disk, so at most the instant between two renames
     has no ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # name the file being written, not the random temp name
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp's is 0600; be what open() makes
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -46,6 +58,23 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], previous:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why files cannot be made in ``directory`` (or, if it does not exist yet, in the nearest
+    folder above it that does), or None if they can. It tries: permission bits say nothing about
+    read-only mounts, /proc or /sys, or what root may do. The probe folder is removed at once."""
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        probe = tempfile.mkdtemp(dir=existing, prefix=".polycats-probe.")
+    except OSError as error:
+        return f"cannot create files in {existing} ({error.strerror or error})"
+    os.rmdir(probe)
+    return None
 
 
 def remove_stale_temp_files(directory: str | Path, name: str = "*") -> list[Path]:

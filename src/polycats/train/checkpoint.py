@@ -16,7 +16,6 @@ import copy
 import hashlib
 import os
 import pickle
-import re
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from polycats.errors import PolycatsError
 from polycats.io import atomic_torch_save
 
 CHECKPOINT_VERSION = 2  # 2: a checksum; 1 (no checksum) still loads
+WHAT_TO_DO = "delete it or point to another checkpoint"
 
 
 class CorruptCheckpoint(PolycatsError):
@@ -102,24 +102,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise PolycatsError(f"checkpoint {path} does not exist") from None
     except OSError as error:  # a directory, no permission, an I/O error
         raise PolycatsError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, TypeError) as error:
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's messages carry terminal colours
-        first_line = message.splitlines()[0] if message else type(error).__name__
-        raise CorruptCheckpoint(
-            f"checkpoint {path} is corrupt or not a safe polycats checkpoint ({first_line[:160]}); "
-            "delete it or point to another checkpoint"
-        ) from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, TypeError):
+        # Truncated, not a zip, or objects the safe unpickler refuses: torch's own text for these
+        # (the weights_only essay) tells a user nothing they can act on.
+        raise CorruptCheckpoint(f"{path}: not a polycats checkpoint (or corrupt); {WHAT_TO_DO}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise CorruptCheckpoint(f"checkpoint {path} has no 'model' weights; it was not written by polycats")
+        raise CorruptCheckpoint(f"{path}: not a polycats checkpoint (no 'model' weights); {WHAT_TO_DO}")
     version = state.get("version", 1)
     if not isinstance(version, int):
-        raise CorruptCheckpoint(f"checkpoint {path} has a format version {version!r}; it was not written by polycats")
+        raise CorruptCheckpoint(f"{path}: not a polycats checkpoint (format version {version!r}); {WHAT_TO_DO}")
     if version > CHECKPOINT_VERSION:
         raise PolycatsError(f"checkpoint {path} was written by a newer polycats (format {version}); upgrade polycats")
     if version >= 2 and state.get("checksum") != state_checksum(state):
-        raise CorruptCheckpoint(
-            f"checkpoint {path} is corrupt (its contents do not match its checksum); delete it or point to another checkpoint"
-        )
+        raise CorruptCheckpoint(f"{path}: corrupt (its contents do not match its checksum); {WHAT_TO_DO}")
     return state
 
 
@@ -155,7 +150,7 @@ def load_latest(path: Path, check: Callable[[dict[str, Any]], str | None] | None
             if reason is not None:
                 raise CorruptCheckpoint(f"checkpoint {candidate} {reason}")
         except CorruptCheckpoint as error:
-            problems.append(str(error).split("; delete it")[0])
+            problems.append(str(error).removesuffix(f"; {WHAT_TO_DO}"))
             unusable.append(candidate)
             continue
         if problems:
