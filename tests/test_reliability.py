@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import shutil
+import shlex
 import signal
 import string
 import subprocess
@@ -806,3 +807,13 @@ def test_decoding_never_emits_tags_or_unk_even_when_the_model_prefers_them(train
     assert process.returncode == 0 and translations.strip()
     for output in [*hypotheses, translations]:
         assert "<2" not in output and "\u2047" not in output, output[:200]  # no tag, no unk (⁇)
+
+
+def test_the_demo_summary_command_can_be_pasted_into_a_shell():
+    """--set values with spaces or braces were written unquoted (and outside the code span)."""
+    from polycats.demo import demo_command
+
+    overrides = ["data.languages={de: 10, sw: 5}", "train.max_updates=20", "name=it's"]
+    command = demo_command(Path("runs/my demo"), ("T=1", "CATS"), overrides)
+    assert shlex.split(command) == ["polycats", "demo", "--out", "runs/my demo", "--methods", "T=1,CATS",
+                                    *(word for override in overrides for word in ("--set", override))]

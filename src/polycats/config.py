@@ -49,8 +49,8 @@ class GroupThresholds(Section):
     """Languages with fewer training pairs than ``lores_below`` are LoRes, at least ``hires_from``
     HiRes, MidRes between (data.md defaults, scaled to the Bible corpus)."""
 
-    lores_below: int = Field(2000, gt=0)
-    hires_from: int = Field(10000, gt=0)
+    lores_below: int = Field(2000, gt=0, description="fewer training pairs than this: LoRes")
+    hires_from: int = Field(10000, gt=0, description="at least this many training pairs: HiRes (MidRes between)")
 
     @model_validator(mode="after")
     def ordered(self) -> GroupThresholds:
@@ -69,27 +69,29 @@ class SyntheticConfig(Section):
     languages also reverse word order."""
 
     words: int = Field(24, ge=2, description="vocabulary size of every language")
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(8, ge=1)
+    min_words: int = Field(3, ge=1, description="shortest sentence in words")
+    max_words: int = Field(8, ge=1, description="longest sentence in words")
 
 
 class DataConfig(Section):
-    source: Literal["bible", "text", "hf_disk", "synthetic"] = "bible"
-    path: Annotated[Path, Strict(False)] | None = Field(None, description="directory of the corpus (text, hf_disk)")
-    direction: Literal["m2o", "o2m"] = "m2o"
-    pivot: str = "en"
-    languages: dict[str, Annotated[int, Field(gt=0)]] = Field(
-        ..., description="language code -> number of training pairs (this is how imbalance is made)"
+    source: Literal["bible", "text", "hf_disk", "synthetic"] = Field(
+        "bible", description="the offline Bible corpus, text or hf_disk files under data.path, or toy data for tests"
     )
-    valid_per_lang: int = Field(200, gt=0)
-    test_per_lang: int = Field(500, gt=0)
-    vocab_size: int = Field(4000, ge=32)
-    max_len: int = Field(48, gt=0, description="training pairs longer than this (subword tokens) are dropped")
-    split_seed: int = 1
+    path: Annotated[Path, Strict(False)] | None = Field(None, description="directory of the corpus (text, hf_disk)")
+    direction: Literal["m2o", "o2m"] = Field("m2o", description="m2o: every language → pivot; o2m: pivot → every language")
+    pivot: str = Field("en", description="the language every pair shares")
+    languages: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        ..., description="language code → training pairs, e.g. {de: 8000, sw: 500}: this is how imbalance is made"
+    )
+    valid_per_lang: int = Field(200, gt=0, description="held-out validation pairs per language (Bible: whole chapters)")
+    test_per_lang: int = Field(500, gt=0, description="held-out test pairs per language (the same verses in every language)")
+    vocab_size: int = Field(4000, ge=32, description="joint SentencePiece vocabulary (smaller if the corpus cannot fill it)")
+    max_len: int = Field(48, gt=0, description="training pairs longer than this many subword tokens are dropped (valid/test never)")
+    split_seed: int = Field(1, description="seed of the held-out split, the training subsample and the tokenizer's training text")
     translations: dict[str, str] = Field(
         default_factory=dict, description="bible only: language -> one-character translation code override"
     )
-    tokenizer_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer_type: Literal["unigram", "bpe"] = Field("unigram", description="SentencePiece model type")
     tokenizer_temperature: float = Field(5.0, gt=0, description="language mix of the SentencePiece training text")
     tokenizer_sentences: int = Field(200_000, gt=0, description="sentences in the SentencePiece training mix")
     groups: GroupThresholds = GroupThresholds()
@@ -141,7 +143,7 @@ class SamplingConfig(Section):
 
 class ScalarConfig(Section):
     name: Literal["scalar"] = "scalar"
-    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights")
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights (default: all 1)")
 
 
 BalancerConfig = Annotated[
@@ -152,12 +154,12 @@ BalancerConfig = Annotated[
 
 
 class ModelConfig(Section):
-    d_model: int = Field(192, gt=0)
-    encoder_layers: int = Field(3, ge=1)
-    decoder_layers: int = Field(3, ge=1)
-    heads: int = Field(4, ge=1)
-    ffn_dim: int = Field(768, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    d_model: int = Field(192, gt=0, description="width of the Transformer (embeddings tied with the output)")
+    encoder_layers: int = Field(3, ge=1, description="encoder layers")
+    decoder_layers: int = Field(3, ge=1, description="decoder layers")
+    heads: int = Field(4, ge=1, description="attention heads (must divide d_model)")
+    ffn_dim: int = Field(768, gt=0, description="inner width of the feed-forward blocks")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on embeddings and sublayer outputs")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights (0 keeps the fused CPU kernel)")
 
     @model_validator(mode="after")
@@ -168,23 +170,25 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    max_updates: int = Field(1200, gt=0)
+    max_updates: int = Field(1200, gt=0, description="optimiser updates of the run (may be raised to continue a finished run)")
     max_tokens: int = Field(2048, gt=0, description="padded tokens per batch")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of Adam")
     warmup_updates: int = Field(500, ge=0, description="linear warm-up, then inverse square root decay")
-    adam_betas: Annotated[tuple[float, float], Strict(False)] = (0.9, 0.98)  # YAML gives a list
-    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: Annotated[tuple[float, float], Strict(False)] = Field(  # not strict: YAML gives a list
+        (0.9, 0.98), description="Adam's β1, β2, each in [0, 1)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay of Adam (torch.optim.Adam's, not AdamW's)")
     clip_norm: float = Field(1.0, ge=0, description="0 disables gradient clipping")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the training loss")
     save_every: int = Field(200, gt=0, description="updates between checkpoints")
-    keep_snapshots: bool = Field(True, description="keep model weights of every checkpoint (for analyze curves)")
-    log_every: int = Field(10, gt=0)
-    valid_every: int = Field(200, gt=0)
+    keep_snapshots: bool = Field(True, description="keep the model weights of every checkpoint as update_NNNNNN.pt (analyze's curves)")
+    log_every: int = Field(10, gt=0, description="updates between train events in metrics.jsonl (averages over the window)")
+    valid_every: int = Field(200, gt=0, description="updates between validations (best.pt by validation NLL)")
     patience: int = Field(0, ge=0, description="stop after this many validations without improvement (0 = off)")
-    seed: int = 1
+    seed: int = Field(1, description="seed of the model, the batches, dropout and the balancer")
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default)")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the model trains and decodes: auto = cuda if available, else cpu"
+        "auto", description="where the model trains and decodes: auto = cuda if torch sees a GPU, else cpu; --device overrides it"
     )
     diagnostics_every: int = Field(0, ge=0, description="updates between logged diagnostics (0 = off)")
 
@@ -197,19 +201,22 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    beam: int = Field(4, ge=1)
-    lenpen: float = Field(1.0, ge=0)
-    max_len_a: float = Field(1.5, ge=0)
-    max_len_b: int = Field(10, ge=1)
+    beam: int = Field(4, ge=1, description="beam size (1: greedy)")
+    lenpen: float = Field(1.0, ge=0, description="length penalty: scores are log-probability / length ** lenpen")
+    max_len_a: float = Field(1.5, ge=0, description="at most max_len_a * source length + max_len_b output tokens")
+    max_len_b: int = Field(10, ge=1, description="see max_len_a")
     batch_size: int = Field(64, gt=0, description="sentences per decoding batch")
-    checkpoint: Literal["best", "last"] = "best"
+    checkpoint: Literal["best", "last"] = Field("best", description="checkpoint evaluate and translate use by default")
 
 
 class Config(Section):
-    name: str = "polycats"
+    name: str = Field("polycats", description="a label for the run (reports show it)")
     data: DataConfig
     sampling: SamplingConfig = SamplingConfig()
-    balancer: BalancerConfig = ScalarConfig()
+    balancer: BalancerConfig = Field(
+        ScalarConfig(), description="how the task losses or gradients are combined: scalar (fixed loss weights), "
+        "cats (docs/cats.md) or a peer (docs/peers.md)"
+    )
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -6,6 +6,7 @@ table written to ``OUT/summary.md`` and ``OUT/summary.json``. ``--methods`` pick
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def demo_command(out: Path, methods: tuple[str, ...], overrides: list[str]) -> str:
+    """The command line that repeats a demo, quoted so that it can be pasted into a shell."""
+    return shlex.join(["polycats", "demo", "--out", str(out),
+                       *(["--methods", ",".join(methods)] if methods != DEFAULT_METHODS else []),
+                       *(word for override in overrides for word in ("--set", override))])
+
+
 def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
     """Train and test each of ``methods``; a run already finished in ``out`` is resumed, not redone."""
     unknown = [m for m in methods if m not in METHODS]
@@ -78,9 +86,7 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
     text = "\n".join([
         "# polycats demo",
         "",
-        f"Command: `polycats demo --out {out}`"
-        + (f" --methods {','.join(methods)}" if methods != DEFAULT_METHODS else "")
-        + "".join(f" --set {o}" for o in overrides),
+        f"Command: `{demo_command(out, methods, overrides)}`",
         f"Preset: `{preset.name}` — training pairs {json.dumps(sizes)}; {config.train.max_updates} updates of "
         f"≤{config.train.max_tokens} tokens; model d_model={config.model.d_model}, "
         f"{config.model.encoder_layers}+{config.model.decoder_layers} layers.",
