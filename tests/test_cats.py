@@ -649,20 +649,36 @@ def test_step_api_follows_the_same_schedule_as_combine():
     torch.testing.assert_close(by_combine.alpha, by_step.alpha, atol=1e-12, rtol=0)
 
 
-def test_valid_source_updates_only_through_observe():
+def test_valid_source_updates_only_through_observe_validation():
     cats = CATS(["a", "b"], source="valid", warmup_steps=2, update_every=2, lr_alpha=0.1)
-    assert cats.needs_task_gradients is False
-    assert [cats.wants_valid_stats(u) for u in range(7)] == [False, False, True, False, True, False, True]
+    assert not any(cats.plan(u).task_gradients for u in range(7))
+    assert [cats.plan(u).validation for u in range(7)] == [False, False, True, False, True, False, True]
     train = TaskStats(torch.ones(2), torch.ones(2), torch.tensor([[1.0, 0.0], [0.0, 5.0]]))
     cats.combine(train)
     assert cats.alpha.tolist() == [1.0, 1.0]  # combine only applies α
     valid = TaskStats(torch.ones(2), torch.ones(2), torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
     for _ in range(100):
-        alpha = cats.observe(valid)
+        cats.observe_validation(valid)
+    alpha = cats.alpha
     assert float(alpha[0]) < 1.0  # the large-gradient task on the *validation* batch lost weight
     torch.testing.assert_close(cats.loss_weights(), alpha.float())
     torch.testing.assert_close(cats.combine(train), alpha.float() @ train.grads)
-    assert not CATS(["a", "b"], warmup_steps=0).wants_valid_stats(0)
+    assert not CATS(["a", "b"], warmup_steps=0).plan(0).validation
+
+
+def test_the_plan_asks_for_task_gradients_in_warm_up_and_on_alpha_updates_and_a_probe_only_then():
+    cats = CATS(["a", "b"], warmup_steps=2, update_every=3, constraint="hvp")
+    stats = TaskStats(torch.ones(2), torch.ones(2), torch.eye(2), curvature=lambda d: 1.0)
+    plans = []
+    for _ in range(9):
+        plans.append(cats.plan(0))
+        if plans[-1].task_gradients:
+            cats.combine(stats)
+        else:
+            cats.observe_losses(torch.ones(2), torch.ones(2))
+    assert [p.task_gradients for p in plans] == [True, True, True, False, False, True, False, False, True]
+    assert [p.curvature for p in plans] == [False, False, True, False, False, True, False, False, True]
+    assert not CATS(["a", "b"], warmup_steps=0).plan(0).curvature
 
 
 # ---------------------------------------------------------------------------- hvp constraint
@@ -671,7 +687,7 @@ def test_valid_source_updates_only_through_observe():
 def test_hvp_without_a_probe_is_a_clear_error():
     cats = CATS(["a", "b"], constraint="hvp", warmup_steps=0)
     stats = TaskStats(torch.ones(2), torch.ones(2), torch.eye(2))
-    with pytest.raises(CurvatureProbeMissing, match="curvature_probe"):
+    with pytest.raises(CurvatureProbeMissing, match="curvature probe"):
         cats.combine(stats)
     with pytest.raises(CurvatureProbeMissing, match="curvature"):
         cats.update(torch.ones(2), torch.eye(2))
@@ -685,10 +701,9 @@ def test_hvp_with_constant_curvature_is_the_combined_constraint():
         return 3.0
 
     hvp = CATS(["a", "b", "c"], constraint="hvp", warmup_steps=0)
-    hvp.curvature_probe = probe
     combined = CATS(["a", "b", "c"], constraint="combined", warmup_steps=0)
     grads = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-    stats = TaskStats(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3), grads)
+    stats = TaskStats(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3), grads, curvature=probe)
     for _ in range(20):
         alpha_before = hvp.alpha.float()
         hvp.combine(stats)
@@ -775,13 +790,13 @@ def test_sketch_is_seeded_linear_and_row_wise():
 # ---------------------------------------------------------------------------- state
 
 
-def random_stats(step, k=3, p=10):
+def random_stats(step, k=3, p=10, curvature=None):
     generator = torch.Generator().manual_seed(step)
     grads = torch.randn(k, p, generator=generator) * torch.tensor([3.0, 1.0, 0.5]).unsqueeze(1)
     tokens = torch.tensor([5.0, 0.0 if step % 4 == 0 else 2.0, 1.0])
     grads[tokens == 0] = 0
     losses = torch.rand(k, generator=generator) * 3 * (tokens > 0)
-    return TaskStats(losses, tokens, grads)
+    return TaskStats(losses, tokens, grads, curvature)
 
 
 @pytest.mark.parametrize(
@@ -797,15 +812,13 @@ def test_state_round_trip_gives_identical_trajectories(options):
         return float(direction.abs().sum()) + 1.0
 
     def make():
-        cats = CATS(["a", "b", "c"], **options)
-        cats.curvature_probe = probe
-        return cats
+        return CATS(["a", "b", "c"], **options)
 
     original = make()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CatsCollapseWarning)
         for step in range(12):
-            original.combine(random_stats(step))
+            original.combine(random_stats(step, curvature=probe))
         buffer = io.BytesIO()
         torch.save(original.state_dict(), buffer)
         buffer.seek(0)
@@ -815,8 +828,8 @@ def test_state_round_trip_gives_identical_trajectories(options):
         resumed.load_state_dict(state)
         assert resumed.log_values() == original.log_values()
         for step in range(12, 30):
-            a = original.combine(random_stats(step))
-            b = resumed.combine(random_stats(step))
+            a = original.combine(random_stats(step, curvature=probe))
+            b = resumed.combine(random_stats(step, curvature=probe))
             assert torch.equal(a, b)
             assert torch.equal(original.alpha, resumed.alpha)
             assert original.lam == resumed.lam

@@ -69,13 +69,15 @@ def test_valid_source_uses_a_fixed_sample_and_the_probe_measures_the_same_batche
         other.close()
 
         total = sum(batch.target_tokens for batch in sample)
-        stats = trainer.valid_task_stats(sample, total)
+        stats = trainer.validation_stats(curvature=False)
+        assert stats.curvature is None
         direction = stats.grads.sum(0)  # α = 1 before the first update
         operator = hessian_operator(
             trainer.model, lambda: sum(trainer.batch_loss(b) * b.target_tokens for b in sample) / total
         )
         expected = float(direction @ operator.matvec(direction) / (direction @ direction))
-        trainer.prepare_balancer(trainer.stream.next())  # update 0: validation statistics, then α
+        assert trainer.balancer.plan(0).validation and trainer.balancer.plan(0).curvature
+        trainer.train_step(trainer.stream.next())  # update 0: validation statistics, α, then the step
         logged = trainer.balancer.log_values()
         assert logged["cats/updates"] == 1.0
         assert logged["cats/curvature"] == pytest.approx(expected, rel=1e-4)

@@ -75,7 +75,7 @@ def test_every_peer_is_one_config_line_away(name, options):
     })
     balancer = build_balancer(config, ["de-en", "sw-en"], np.array([0.9, 0.1]))
     assert isinstance(balancer, Balancer)
-    assert balancer.needs_task_gradients == (name != "dro")
+    assert balancer.plan(0).task_gradients == (name != "dro")
     for key, value in options.items():
         assert getattr(config.balancer, key) == value
     with pytest.raises(PolycatsError, match="unknown field"):

@@ -1,57 +1,86 @@
-"""The one small interface every way of combining task losses/gradients implements.
+"""The one interface every way of combining task losses/gradients implements.
 
-Two families share it:
+Two families share it: **loss weighting** (scalar, CATS with ``source="valid"``, DRO) decides a
+weight per task and the trainer backpropagates ``Σ_i w_i S_i / N`` once; **gradient
+combination** (CATS, PCGrad, GradVac, MGDA, ...) receives the per-task gradients ``G`` ``[K, P]``
+and returns the direction. A balancer says which, step by step, in its :class:`StepPlan`.
 
-* **loss weighting** (scalar/temperature weights, CATS, DRO) decides a weight per task; the
-  training gradient is ``sum_i w_i g_i``.
-* **gradient combination** (PCGrad, MGDA, UPGrad, ...) receives the per-task gradients and returns
-  the combined direction.
+One training step, as the trainer runs it (and a plain loop may)::
 
-``needs_task_gradients`` tells the trainer whether to pay for per-task gradients (the ``K x P``
-matrix from one hooked pass over the batch, :mod:`polycats.balance.task_split`, or one backward
-pass per task, :mod:`polycats.balance.task_gradients`). A balancer that does not need
-them only provides ``loss_weights()`` and the trainer does one ordinary backward pass of
-``sum_i w_i S_i / N``.
+    balancer.bind(BalancerContext(named_parameters))       # once, before the first step
+    plan = balancer.plan(update)
+    if plan.validation:                                     # before the step
+        balancer.observe_validation(stats_on_the_fixed_validation_sample)
+    if plan.task_gradients:
+        direction = balancer.combine(stats_with_grads)      # accumulated into .grad
+    else:
+        (balancer.loss_weights() @ task_sums / N).backward()
+        balancer.observe_losses(losses, tokens)             # only if the step is taken
 
-Optional hooks, called by the trainer only when a balancer has them (``getattr``):
+``stats.curvature`` is set when ``plan.curvature``: ``d -> dᵀHd / ‖d‖²`` on the batches the
+statistics come from. Notation (``docs/cats.md``): task ``i`` contributes the token-NLL sum
+``S_i`` over its ``n_i`` target tokens, ``N = Σ_i n_i``, ``L_i = S_i / n_i``,
+``g_i = ∇(S_i / N)``, so ``Σ_i g_i`` is the usual gradient.
 
-* ``observe_losses(losses [K], tokens [K])`` — after each loss-weighted step's backward pass, the
-  step's per-task mean losses ``L_i`` and target tokens ``n_i`` (0 = absent); for weights that
-  follow the losses (χ²-DRO).
-* ``set_parameters(named_parameters)`` — once, the trainable named parameters in the order of the
-  flat gradient rows; for per-parameter-group methods (GradVac).
-* ``wants_valid_stats(update)`` / ``observe(stats)`` and ``curvature_probe`` — CATS
-  (``polycats.balance.cats``).
-* ``task_gradients_now()`` — before each step, whether this step needs per-task gradients
-  (default: ``needs_task_gradients``); CATS with ``update_every > 1`` says no between its α
-  updates, and those steps go the loss-weighted way (``loss_weights``, ``observe_losses``).
-
-Notation (``docs/cats.md``): on a batch, task ``i`` contributes the token-NLL sum ``S_i`` over its
-``n_i`` target tokens, ``N = sum_i n_i``; ``L_i = S_i / n_i`` and ``g_i = grad(S_i / N)``, so
-``sum_i g_i`` is the usual gradient.
+>>> import torch
+>>> from polycats.balance.scalar import ScalarBalancer
+>>> balancer = ScalarBalancer(["de-en", "sw-en"], {"sw-en": 2.0})
+>>> balancer.plan(0)
+StepPlan(task_gradients=False, validation=False, curvature=False)
+>>> balancer.loss_weights().tolist()
+[1.0, 2.0]
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+CurvatureProbe = Callable[[Tensor], float]
+"""``d -> dᵀHd / ‖d‖²`` for a flat direction ``d`` in the layout of the gradient rows."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a balancer needs from the trainer for one training step.
+
+    task_gradients: per-task gradients of the training batch, for :meth:`Balancer.combine`
+                    (else one backward pass of the loss-weighted sum, then ``observe_losses``);
+    validation:     per-task statistics of the fixed validation sample, for
+                    :meth:`Balancer.observe_validation` before the step;
+    curvature:      a :data:`CurvatureProbe` in the statistics handed over on this step.
+    """
+
+    task_gradients: bool
+    validation: bool = False
+    curvature: bool = False
+
+
+@dataclass(frozen=True)
+class BalancerContext:
+    """What a balancer learns once, before the first step: the trainable named parameters in the
+    order of the flat gradient rows (a per-tensor method cuts ``G`` by them)."""
+
+    parameters: list[tuple[str, Tensor]]
+
 
 @dataclass
 class TaskStats:
-    """What one training step knows about its tasks.
+    """What one step knows about its tasks.
 
-    losses: ``[K]`` mean token loss ``L_i`` of each task (0 where the task is absent).
-    tokens: ``[K]`` target tokens ``n_i`` of each task in the batch (0 where absent).
-    grads:  ``[K, P]`` flattened ``g_i`` (zero rows for absent tasks), or None when the balancer
-            does not need per-task gradients.
+    losses:    ``[K]`` mean token loss ``L_i`` of each task (0 where the task is absent);
+    tokens:    ``[K]`` target tokens ``n_i`` of each task (0 where absent);
+    grads:     ``[K, P]`` flattened ``g_i`` (zero rows for absent tasks), or None;
+    curvature: the curvature probe on the batches these statistics come from, when planned.
     """
 
     losses: Tensor
     tokens: Tensor
     grads: Tensor | None = None
+    curvature: CurvatureProbe | None = None
 
     @property
     def present(self) -> Tensor:
@@ -61,14 +90,29 @@ class TaskStats:
 @runtime_checkable
 class Balancer(Protocol):
     tasks: list[str]
-    needs_task_gradients: bool
 
-    def loss_weights(self) -> Tensor:
-        """``[K]`` weights on the task losses for the next step (used when no task gradients)."""
+    def bind(self, context: BalancerContext) -> None:
+        """Once, before the first step."""
+        ...
+
+    def plan(self, update: int) -> StepPlan:
+        """What the training step after ``update`` updates needs (called once per step)."""
+        ...
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        """Statistics of the fixed validation sample, on the steps whose plan asks for them."""
         ...
 
     def combine(self, stats: TaskStats) -> Tensor:
         """The ``[P]`` training direction from per-task gradients (``stats.grads`` is set)."""
+        ...
+
+    def loss_weights(self) -> Tensor:
+        """``[K]`` weights on the task losses, for a step planned without per-task gradients."""
+        ...
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        """After a step taken with ``loss_weights``: its ``[K]`` mean task losses and tokens."""
         ...
 
     def log_values(self) -> dict[str, float]:

@@ -10,7 +10,7 @@ with ``L̂_i`` an exponential moving average (decay ``ema_decay``, started at th
 task ``i``'s mean training loss. The batches keep coming from ``p``; the trainer scales task
 ``i``'s loss by the importance ratio ``w_i = q_i / p_i``, so the expected training loss
 ``Σ_i p_i w_i L_i`` is the ``q``-weighted loss. This is a **loss-weighting** balancer
-(``needs_task_gradients = False``): one ordinary backward pass per step.
+(its plan never asks for per-task gradients): one ordinary backward pass per step.
 
 Exact solution (:func:`chi2_worst_case`)
 ----------------------------------------
@@ -68,7 +68,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from polycats.balance.base import TaskStats
+from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 
 
 class DROConfig(BaseModel):
@@ -151,8 +151,6 @@ class ChiSquareDRO:
     overrides are :class:`DROConfig` fields.
     """
 
-    needs_task_gradients = False
-
     def __init__(
         self,
         tasks: Sequence[str],
@@ -185,6 +183,15 @@ class ChiSquareDRO:
         return torch.tensor(self._q, dtype=torch.float64)
 
     # ------------------------------------------------------------------ Balancer protocol
+
+    def bind(self, context: BalancerContext) -> None:
+        pass
+
+    def plan(self, update: int) -> StepPlan:
+        return StepPlan(task_gradients=False)
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        raise ValueError("DRO never plans validation statistics")
 
     def loss_weights(self) -> Tensor:
         """``[K]`` float32 importance ratios ``q_i / p_i`` (0 where ``p_i = 0``)."""

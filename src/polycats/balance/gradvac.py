@@ -31,9 +31,9 @@ and the direction is ``(1ᵀ C) G`` per group.
 
 Parameter groups (``grouping``): ``whole_model`` (default, one group) or ``per_tensor`` (each
 parameter tensor its own group: the paper's finest "all matrices" granularity). Per-tensor
-groups need to know where each tensor sits in the flat gradient: the trainer calls
-:meth:`GradVac.set_parameters` with the model's trainable named parameters (in the order of the
-flat gradient); a library user can do the same, or set ``gradvac.groups`` to a list of
+groups need to know where each tensor sits in the flat gradient: the trainer hands the model's
+trainable named parameters (in the order of the flat gradient) to :meth:`GradVac.bind`; a
+library user calls :meth:`GradVac.set_parameters` or sets ``gradvac.groups`` to a list of
 ``slice`` objects that partition ``[0, P)``.
 
 ``task_gradient`` is as for the torchjd peers: ``"contribution"`` rows ``∇(S_i/N)`` or
@@ -54,7 +54,7 @@ ordered pairs of present tasks and groups), ``gradvac/groups``.
 Example
 -------
 >>> import torch
->>> from polycats.balance.base import TaskStats
+>>> from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 >>> from polycats.balance.gradvac import GradVac
 >>> gradvac = GradVac(["de-en", "sw-en"], beta=0.5)
 >>> grads = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])        # cos = -0.71 < target 0
@@ -75,7 +75,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from polycats.balance.base import TaskStats
+from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 from polycats.balance.task_gradients import gram_matrix
 from polycats.balance.torchjd_peers import PeerRecord, TaskGradient, fit_weights, task_gradient_field
 
@@ -131,12 +131,10 @@ def tensor_groups(named_parameters: Iterable[tuple[str, Tensor]]) -> list[slice]
 
 
 class GradVac:
-    """Gradient Vaccine as a balancer (``needs_task_gradients``): ``combine`` returns ``Σ_i g_i'``.
+    """Gradient Vaccine as a balancer (every step with per-task gradients): ``combine`` returns ``Σ_i g_i'``.
 
     ``GradVac(tasks, config=None, **overrides)``; overrides are :class:`GradVacConfig` fields.
     """
-
-    needs_task_gradients = True
 
     def __init__(self, tasks: Sequence[str], config: GradVacConfig | None = None, **overrides: Any):
         if not tasks:
@@ -151,8 +149,6 @@ class GradVac:
         self._targets: Tensor | None = None  # [groups, K, K] float64, allocated on first use
         self.record = PeerRecord()
         self._corrections_total = 0
-
-    # ------------------------------------------------------------------ trainer hook
 
     def set_parameters(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         """Tell GradVac the layout of the flat gradient (trainable named parameters, in order);
@@ -170,9 +166,21 @@ class GradVac:
 
     # ------------------------------------------------------------------ Balancer protocol
 
+    def bind(self, context: BalancerContext) -> None:
+        self.set_parameters(context.parameters)
+
+    def plan(self, update: int) -> StepPlan:
+        return StepPlan(task_gradients=True)
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        raise ValueError("GradVac never plans validation statistics")
+
     def loss_weights(self) -> Tensor:
-        """Ones: GradVac acts on gradients (the trainer calls ``combine``)."""
+        """Ones: GradVac acts on gradients (its plan asks for them on every step)."""
         return torch.ones(len(self.tasks))
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        pass
 
     def combine(self, stats: TaskStats) -> Tensor:
         grads = stats.grads
@@ -270,7 +278,7 @@ class GradVac:
             if self.config.grouping == "per_tensor":
                 raise ValueError(
                     "gradvac.grouping=per_tensor needs the parameter layout: call "
-                    "gradvac.set_parameters(model.named_parameters()) (the trainer does) or set gradvac.groups"
+                    "gradvac.set_parameters(model.named_parameters()) (the trainer binds it) or set gradvac.groups"
                 )
             return [slice(0, size)]
         position = 0

@@ -8,19 +8,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polycats.balance.base import TaskStats
+from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 
 
 class ScalarBalancer:
-    needs_task_gradients = False
+    """``Σ_i w_i S_i / N`` with fixed ``weights`` (task -> weight, default 1): one backward pass.
+
+    >>> ScalarBalancer(["de-en", "sw-en"], {"sw-en": 2.0}).loss_weights().tolist()
+    [1.0, 2.0]
+    """
 
     def __init__(self, tasks: list[str], weights: dict[str, float] | None = None):
         self.tasks = list(tasks)
         weights = weights or {}
         self.weights = torch.tensor([float(weights.get(task, 1.0)) for task in self.tasks])
 
+    def bind(self, context: BalancerContext) -> None:
+        pass
+
+    def plan(self, update: int) -> StepPlan:
+        return StepPlan(task_gradients=False)
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        raise ValueError("the scalar balancer never plans validation statistics")
+
     def loss_weights(self) -> Tensor:
         return self.weights
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        pass
 
     def combine(self, stats: TaskStats) -> Tensor:
         assert stats.grads is not None

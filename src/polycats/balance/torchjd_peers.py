@@ -77,7 +77,7 @@ sum; present tasks only), ``peer/tasks`` (present tasks), ``peer/conflicts`` (pa
 Example
 -------
 >>> import torch
->>> from polycats.balance.base import TaskStats
+>>> from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 >>> from polycats.balance.torchjd_peers import MGDAConfig, TorchJDBalancer
 >>> mgda = TorchJDBalancer(["de-en", "sw-en"], MGDAConfig())
 >>> grads = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
@@ -99,7 +99,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from polycats.balance.base import TaskStats
+from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 from polycats.balance.task_gradients import gram_matrix, weighted_sum
 from polycats.errors import PolycatsError
 
@@ -367,8 +367,6 @@ class TorchJDBalancer:
     ``task_gradient=`` as a keyword. ``preference``: per-task weights (UPGrad, AlignedMTL).
     """
 
-    needs_task_gradients = True
-
     def __init__(
         self,
         tasks: Sequence[str],
@@ -407,9 +405,21 @@ class TorchJDBalancer:
 
     # ------------------------------------------------------------------ Balancer protocol
 
+    def bind(self, context: BalancerContext) -> None:
+        pass
+
+    def plan(self, update: int) -> StepPlan:
+        return StepPlan(task_gradients=True)
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        raise ValueError(f"{self.name} never plans validation statistics")
+
     def loss_weights(self) -> Tensor:
-        """Ones: a gradient-combination peer has no loss weights (the trainer calls ``combine``)."""
+        """Ones: a gradient-combination peer has no loss weights (its plan asks for gradients)."""
         return torch.ones(len(self.tasks))
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        pass
 
     def combine(self, stats: TaskStats) -> Tensor:
         """The aggregation of the present tasks' rows of ``stats.grads`` ``[K, P]`` → ``[P]``."""

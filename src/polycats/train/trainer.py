@@ -1,7 +1,7 @@
 """The training loop: sampler → batches → model → balancer → optimiser, with per-task loss
 accounting, validation, checkpoints (last + best + snapshots), metrics.jsonl and TensorBoard. The
-loop never special-cases a method: it asks the balancer whether it needs per-task gradients and
-otherwise only for loss weights.
+loop never special-cases a method: each step it follows the balancer's
+:class:`~polycats.balance.base.StepPlan` (``polycats.balance.base`` has the contract).
 
 Reliability (docs/reliability.md): one trainer per run directory (a lock); ``last.pt`` holds the
 whole state (model, Adam, balancer, sampler, every RNG, counters, the logging window, the
@@ -20,9 +20,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from polycats.balance.base import TaskStats
-from polycats.balance.task_gradients import (
-    TaskLoss, accumulate_into_grad, backward_per_task, gradient_dtype, per_task_gradients,
-)
+from polycats.balance.base import BalancerContext, CurvatureProbe, TaskStats
+from polycats.balance.task_gradients import TaskLoss, accumulate_into_grad, gradient_dtype, per_task_gradients
 from polycats.balance.task_split import TaskSplit
 from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch, sampling_probabilities
@@ -200,9 +199,7 @@ class Trainer:
         self.probabilities = sampling_probabilities(sizes, config.sampling.temperature, self.sampling_weights())
         self.first_stage = self.first_stage_probabilities()
         self.balancer = build_balancer(config, self.tasks, self.probabilities)
-        set_parameters = getattr(self.balancer, "set_parameters", None)  # layout of the flat gradient (gradvac)
-        if set_parameters is not None:
-            set_parameters([(name, p) for name, p in self.model.named_parameters() if p.requires_grad])
+        self.balancer.bind(BalancerContext([(name, p) for name, p in self.model.named_parameters() if p.requires_grad]))
         self.stream = BatchStream(train, self.sampling_at(0), t.max_tokens, t.seed)
         self.valid_batches = [batch.to(self.device) for batch in fixed_batches(self.data.split("valid"), t.max_tokens)]
         self.valid_sample: list[Batch] | None = None  # CATS source=valid: built on first use
@@ -354,25 +351,12 @@ class Trainer:
         loss, _ = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, self.config.train.label_smoothing)
         return loss.sum() / batch.target_tokens
 
-    def prepare_balancer(self, batch: Batch) -> None:
-        """Feed the optional balancer hooks: statistics from the fixed validation sample
-        (``wants_valid_stats``/``observe``) and a curvature probe along a direction
-        (``curvature_probe``: d -> dᵀHd/‖d‖², one Hessian-vector product on the batches the
-        statistics come from: the validation sample for ``observe``, else this training batch)."""
-        wants_valid = getattr(self.balancer, "wants_valid_stats", None)
-        if wants_valid is not None and wants_valid(self.update):
-            sample = self.validation_sample()
-            total = sum(b.target_tokens for b in sample)
-            self.install_probe(lambda: sum(self.batch_loss(b) * b.target_tokens for b in sample) / total)
-            self.balancer.observe(self.valid_task_stats(sample, total))
-        self.install_probe(lambda: self.batch_loss(batch))
-
-    def install_probe(self, loss) -> None:
-        if hasattr(self.balancer, "curvature_probe"):
-            def probe(direction: Tensor) -> float:
-                operator = hessian_operator(self.model, loss)
-                return float(direction @ operator.matvec(direction) / (direction @ direction).clamp_min(1e-30))
-            self.balancer.curvature_probe = probe
+    def curvature_probe(self, loss: Callable[[], Tensor]) -> CurvatureProbe:
+        """``d -> dᵀHd/‖d‖²``: one Hessian-vector product of ``loss`` (evaluated when probed)."""
+        def probe(direction: Tensor) -> float:
+            operator = hessian_operator(self.model, loss)
+            return float(direction @ operator.matvec(direction) / (direction @ direction).clamp_min(1e-30))
+        return probe
 
     def validation_sample(self) -> list[Batch]:
         """CATS ``source=valid``: ``balancer.valid_sentences`` validation pairs per task, drawn
@@ -385,9 +369,13 @@ class Trainer:
             ]
         return self.valid_sample
 
-    def valid_task_stats(self, sample: list[Batch], total: int) -> TaskStats:
+    def validation_stats(self, curvature: bool) -> TaskStats:
         """Per-task losses and gradients on the validation sample (eval mode): ``S_i / N`` with
-        ``N`` the sample's target tokens, as on a training batch."""
+        ``N`` the sample's target tokens, as on a training batch; with ``curvature``, the probe
+        on the same sample."""
+        sample = self.validation_sample()
+        total = sum(b.target_tokens for b in sample)
+
         def closure(batch: Batch):
             def run() -> TaskLoss:
                 task_sum = self.batch_loss(batch) * batch.target_tokens
@@ -395,20 +383,19 @@ class Trainer:
             return run
 
         self.model.eval()
-        return per_task_gradients(self.params, [closure(batch) for batch in sample])
+        stats = per_task_gradients(self.params, [closure(batch) for batch in sample])
+        if curvature:
+            stats.curvature = self.curvature_probe(lambda: sum(self.batch_loss(b) * b.target_tokens for b in sample) / total)
+        return stats
 
-    def wants_task_gradients(self) -> bool:
-        """Whether the next step collects per-task gradients (CATS with update_every > 1: only
-        on its α-update steps)."""
-        now = getattr(self.balancer, "task_gradients_now", None)
-        return now() if now is not None else self.balancer.needs_task_gradients
-
-    def per_task_backward(self, batch: Batch, poison: bool, step_totals: TaskTotals) -> TaskStats:
+    def per_task_backward(self, batch: Batch, poison: bool, step_totals: TaskTotals, curvature: bool) -> TaskStats:
         """Per-task gradients of the batch, and the balancer's direction from them left in ``.grad``.
 
         One forward and backward pass over the whole batch with :class:`TaskSplit` (rows sorted
-        by task); for a model it does not support, one pass per task sub-batch."""
+        by task); for a model it does not support, one pass per task sub-batch. With
+        ``curvature``, the probe on the (unsorted) batch."""
         num_tasks = len(self.tasks)
+        probe = self.curvature_probe(partial(self.batch_loss, batch)) if curvature else None
         if self.task_split is None:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
@@ -418,7 +405,10 @@ class Trainer:
                 return run
 
             subs = batch.by_task(num_tasks)
-            return backward_per_task(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)], self.balancer)
+            stats = per_task_gradients(self.params, [sub and closure(sub, i) for i, sub in enumerate(subs)])
+            stats.curvature = probe
+            accumulate_into_grad(self.params, self.balancer.combine(stats))
+            return stats
         batch = batch.select(torch.argsort(batch.task, stable=True))
         if self.task_grads is None:  # one buffer for every step (TaskSplit overwrites it and keeps its views)
             self.task_grads = torch.empty(num_tasks, self.task_split.size, dtype=gradient_dtype(self.params),
@@ -427,7 +417,8 @@ class Trainer:
         with self.task_split.collect(batch.task, (batch.tgt_out != PAD).sum(dim=1), num_tasks, grads):
             task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
             (task_sums.sum() / batch.target_tokens).backward()
-        stats = TaskStats(losses=task_sums.detach() / task_tokens.clamp_min(1), tokens=task_tokens, grads=grads)
+        stats = TaskStats(losses=task_sums.detach() / task_tokens.clamp_min(1), tokens=task_tokens, grads=grads,
+                          curvature=probe)
         accumulate_into_grad(self.params, self.balancer.combine(stats))
         return stats
 
@@ -448,13 +439,14 @@ class Trainer:
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
         batch = batch.to(self.device)
         poison = self.batches_drawn + 1 in self.nan_at  # the NaN test hook (POLYCATS_TEST_NAN_AT)
-        self.prepare_balancer(batch)
+        plan = self.balancer.plan(self.update)
+        if plan.validation:
+            self.balancer.observe_validation(self.validation_stats(plan.curvature))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         step_totals = TaskTotals(len(self.tasks))
-        per_task = self.wants_task_gradients()
-        if per_task:
-            stats = self.per_task_backward(batch, poison, step_totals)
+        if plan.task_gradients:
+            stats = self.per_task_backward(batch, poison, step_totals, plan.curvature)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
             task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
@@ -471,9 +463,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return {"skipped": 1.0, "reason": "gradient"}
         # Told only of steps actually taken: its schedule (CATS) counts the trainer's updates.
-        observe_losses = getattr(self.balancer, "observe_losses", None)  # loss-driven weights (dro)
-        if observe_losses is not None and not per_task:
-            observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
+        if not plan.task_gradients:
+            self.balancer.observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         self.totals.merge(step_totals)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.train.lr * inverse_sqrt_schedule(self.update + 1, self.config.train.warmup_updates)
