@@ -23,13 +23,13 @@ from polycats.balance.cats import (
     CATS,
     CatsBudgetWarning,
     CatsCollapseWarning,
-    CatsConfig,
     CatsOscillationWarning,
     CurvatureProbeMissing,
     least_energy_weights,
     project_onto_floor_simplex,
     sketch_error_bound,
 )
+from polycats.balancer_config import CatsConfig
 from polycats.balance.task_gradients import (
     GRAM_CHUNK,
     TaskLoss,

@@ -7,6 +7,7 @@ SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from polycats.errors import Interrupted, PolycatsError, printable
 from polycats.io import unwritable_reason
+from polycats.methods import METHODS
 
 app = typer.Typer(
     help="Multilingual translation on imbalanced data: temperature sampling, CATS, diagnostics.",
@@ -196,13 +198,15 @@ def analyze(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories; the first is the baseline of paired comparisons")],
+    paths: Annotated[list[Path], typer.Argument(help="experiment directories (index.json), folders of run directories, or run directories")],
     out: Annotated[Path, typer.Option("--out", help="where report.md, report.html and the figures go")],
+    results: Annotated[Optional[Path], typer.Option("--results", help="also write this Markdown page (e.g. docs/results.md), figures in a folder beside it")] = None,
 ) -> None:
-    """Tables (group BLEU/chrF, diagnostics over training) and figures over finished runs."""
+    """Tables (BLEU/chrF ± 95% CI, claims), curves, diagnostics and examples over runs and grids."""
     from polycats.report.report import build_report
 
-    console.print(f"written: {build_report(run_dirs, out)} (+ report.html, figures)")
+    command = "polycats report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
+    console.print(f"written: {build_report(paths, out, command=command, results=results)} (+ report.html, figures)")
 
 
 @app.command()
@@ -229,8 +233,7 @@ def experiment(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="where the runs and the summary go")] = Path("runs/demo"),
     methods: Annotated[str, typer.Option(
-        "--methods", help="comma-separated: T=1, T=5, T=100, CATS, two-stage, or a peer (pcgrad, gradvac, mgda, cagrad, nashmtl, "
-        "upgrad, graddrop, imtlg, alignedmtl, dro)")] = "T=1,T=5,CATS",
+        "--methods", help=f"comma-separated, any of: {', '.join(METHODS)}")] = "T=1,T=5,CATS",
     set_: SetOption = None,
 ) -> None:
     """The main job: T=1 vs T=5 vs CATS on the demo preset (Bible, de/fr vs sw/tl → en), with a summary."""

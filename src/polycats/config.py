@@ -13,17 +13,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-from polycats.balance.cats import CatsConfig
-from polycats.balance.dro import DROConfig
-from polycats.balance.gradvac import GradVacConfig
-from polycats.balance.torchjd_peers import (
-    AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, UPGradConfig,
-)
+from polycats.balancer_config import BALANCER_NAMES, BalancerConfig, ScalarConfig
 from polycats.errors import PolycatsError, printable
 
 
@@ -139,18 +134,6 @@ class SamplingConfig(Section):
         None, description="languages of the first stage (their probabilities from the same formula, "
         "renormalised); default: the HiRes group"
     )
-
-
-class ScalarConfig(Section):
-    name: Literal["scalar"] = "scalar"
-    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights (default: all 1)")
-
-
-BalancerConfig = Annotated[
-    ScalarConfig | CatsConfig | PCGradConfig | GradVacConfig | MGDAConfig | CAGradConfig | NashMTLConfig | UPGradConfig
-    | GradDropConfig | IMTLGConfig | AlignedMTLConfig | DROConfig,
-    Field(discriminator="name"),
-]
 
 
 class ModelConfig(Section):
@@ -311,10 +294,6 @@ def set_override(tree: dict[str, Any], assignment: str) -> None:
         node[parts[-1]] = raw
 
 
-def balancer_names() -> list[str]:
-    return [repr(option.model_fields["name"].default) for option in get_args(get_args(BalancerConfig)[0])]
-
-
 def describe_validation_error(error: ValidationError, source: str) -> str:
     problems = []
     for item in error.errors()[:3]:
@@ -325,7 +304,7 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
         elif item["type"] == "union_tag_invalid":
             message = f"unknown balancer {item['ctx']['tag']!r}; choose one of: {item['ctx']['expected_tags']}"
         elif item["type"] == "union_tag_not_found":
-            message = f"missing 'name'; choose one of: {', '.join(balancer_names())}"
+            message = f"missing 'name'; choose one of: {', '.join(map(repr, BALANCER_NAMES))}"
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         problems.append(f"field '{field}': {message}{shown}")

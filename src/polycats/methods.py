@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-PEERS = ("pcgrad", "gradvac", "mgda", "cagrad", "nashmtl", "upgrad", "graddrop", "imtlg", "alignedmtl", "dro")
+from polycats.balancer_config import BALANCER_NAMES
+
+PEERS = tuple(name for name in BALANCER_NAMES if name not in ("scalar", "cats"))
 METHODS: dict[str, list[str]] = {
     "T=1": ["sampling.temperature=1"],
     "T=5": ["sampling.temperature=5"],

@@ -8,20 +8,22 @@ path for a plain PyTorch loop (:func:`backward_per_task`).
 """
 
 from polycats.balance.base import Balancer, BalancerContext, CurvatureProbe, StepPlan, TaskStats
-from polycats.balance.cats import CATS, CatsConfig, CatsSolver
-from polycats.balance.dro import ChiSquareDRO, DROConfig
-from polycats.balance.gradvac import GradVac, GradVacConfig
+from polycats.balance.build import balancer_from_config
+from polycats.balance.cats import CATS, CatsSolver
+from polycats.balance.dro import ChiSquareDRO
+from polycats.balance.gradvac import GradVac
 from polycats.balance.scalar import ScalarBalancer
 from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
 from polycats.balance.task_split import TaskSplit
-from polycats.balance.torchjd_peers import (
-    AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig,
-    TorchJDBalancer, UPGradConfig,
+from polycats.balance.torchjd_peers import TorchJDBalancer
+from polycats.balancer_config import (
+    AlignedMTLConfig, CAGradConfig, CatsConfig, DROConfig, GradDropConfig, GradVacConfig, IMTLGConfig, MGDAConfig,
+    NashMTLConfig, PCGradConfig, ScalarConfig, UPGradConfig,
 )
 
 __all__ = [
     "AlignedMTLConfig", "Balancer", "BalancerContext", "CAGradConfig", "CATS", "CatsConfig", "CatsSolver", "ChiSquareDRO",
     "CurvatureProbe", "DROConfig", "GradDropConfig", "GradVac", "GradVacConfig", "IMTLGConfig", "MGDAConfig",
     "NashMTLConfig", "PCGradConfig", "ScalarBalancer", "StepPlan", "TaskLoss", "TaskSplit", "TaskStats",
-    "TorchJDBalancer", "UPGradConfig", "backward_per_task", "per_task_gradients",
+    "ScalarConfig", "TorchJDBalancer", "UPGradConfig", "backward_per_task", "balancer_from_config", "per_task_gradients",
 ]

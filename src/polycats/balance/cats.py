@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 from polycats.balance.task_gradients import gram_matrix, weighted_sum
+from polycats.balancer_config import CatsConfig
 
 FLOOR_TOLERANCE = 1e-3
 """An α within this distance of ``α_min`` counts as "on the floor" (α has mean 1)."""
@@ -65,51 +65,6 @@ class CatsOscillationWarning(UserWarning):
 
 class CatsBudgetWarning(UserWarning):
     """An absolute ``epsilon`` is below the least energy any α in the set can reach."""
-
-
-class CatsConfig(BaseModel):
-    """Options of CATS (``balancer.*`` in the YAML config when ``balancer.name: cats``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["cats"] = "cats"
-    objective: Literal["lookahead", "loss"] = Field(
-        "lookahead", description="lookahead: maximise first-order decrease 1ᵀMα; loss: minimise Σ α_i L_i"
-    )
-    constraint: Literal["combined", "per_task", "hvp"] = Field(
-        "combined", description="curvature proxy: ‖Σ α_i g_i‖², Σ α_i² ‖g_i‖², or HVP-measured"
-    )
-    source: Literal["train", "valid"] = Field(
-        "train", description="where L and M come from: the training batch or fixed validation batches"
-    )
-    parametrisation: Literal["projected", "softmax"] = Field(
-        "projected", description="projected steps on α, or α = α_min + (1-α_min)·K·softmax(a)"
-    )
-    lr_alpha: float = Field(0.01, gt=0, description="η_α, primal step size (scale-free units)")
-    lr_lambda: float = Field(0.1, gt=0, description="η_λ, dual step size (scale-free units)")
-    inner_steps: int = Field(5, ge=1, description="primal-dual steps per α update")
-    rho: float = Field(
-        0.5, gt=0, le=1, description="relative budget: ε = c_min + ρ (c(1) − c_min), from the least-energy α to α = 1"
-    )
-    epsilon: float | None = Field(None, gt=0, description="absolute budget ε; overrides rho when set")
-    alpha_min: float = Field(0.05, ge=0, lt=1, description="floor of every α_i (mean(α) = 1)")
-    update_every: int = Field(1, ge=1, description="update α every this many training steps")
-    warmup_steps: int = Field(200, ge=0, description="keep α = 1 for this many training steps")
-    ema_decay: float = Field(0.9, ge=0, lt=1, description="decay of the EMA of ‖Σ g_i‖² (and of κ)")
-    gram_decay: float = Field(
-        0.9, ge=0, lt=1, description="α updates use an EMA of the scale-free Gram matrix with this decay (0: the batch's)"
-    )
-    sketch_dim: int | None = Field(None, ge=1, description="None: exact Gram; m: JL sketch of size m")
-    sketch_seed: int = Field(0, ge=0, description="seed of the JL projection")
-    floor_warn_steps: int = Field(
-        100, ge=1, description="warn when an α sits on the floor this many consecutive updates"
-    )
-    oscillation_warn: float = Field(
-        0.2, gt=0, description="warn when α moves more than this per update (max over tasks, EMA over ~10 updates)"
-    )
-    valid_sentences: int = Field(
-        64, ge=1, description="source=valid: sentences per task in the fixed, seeded validation sample"
-    )
 
 
 def project_onto_floor_simplex(values: Tensor, floor: float, total: float) -> Tensor:

@@ -61,26 +61,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import BalancerContext, StepPlan, TaskStats
-
-
-class DROConfig(BaseModel):
-    """Options of χ²-DRO (``balancer.*`` when ``balancer.name: dro``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["dro"] = "dro"
-    rho: float = Field(0.1, gt=0, description="radius of the χ² ball around the sampling distribution p")
-    ema_decay: float = Field(0.9, ge=0, lt=1, description="decay of the EMA of each task's mean loss")
-    warmup_steps: int = Field(0, ge=0, description="keep q = p (weights 1) for this many steps")
-    update_every: int = Field(1, ge=1, description="recompute q every this many steps")
+from polycats.balancer_config import DROConfig
 
 
 def chi2_divergence(q: np.ndarray, p: np.ndarray) -> float:

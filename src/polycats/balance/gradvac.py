@@ -69,29 +69,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 from polycats.balance.task_gradients import gram_matrix
-from polycats.balance.torchjd_peers import PeerRecord, TaskGradient, fit_weights, task_gradient_field
-
-
-class GradVacConfig(BaseModel):
-    """Options of GradVac (``balancer.*`` when ``balancer.name: gradvac``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["gradvac"] = "gradvac"
-    task_gradient: TaskGradient = task_gradient_field()
-    beta: float = Field(0.01, gt=0, le=1, description="EMA rate of the targets: φ̂ ← (1−β) φ̂ + β φ")
-    grouping: Literal["whole_model", "per_tensor"] = Field(
-        "whole_model", description="one target per task pair for the whole model, or per parameter tensor"
-    )
-    eps: float = Field(1e-8, ge=0, description="added to the denominators")
+from polycats.balance.torchjd_peers import PeerRecord, fit_weights
+from polycats.balancer_config import GradVacConfig
 
 
 def vaccinate(gram: Tensor, targets: Tensor, beta: float, eps: float = 1e-8) -> tuple[Tensor, int]:

@@ -92,15 +92,18 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from polycats.balance.base import BalancerContext, StepPlan, TaskStats
 from polycats.balance.task_gradients import gram_matrix, weighted_sum
+from polycats.balancer_config import (
+    AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, PeerConfig,
+    TaskGradient, UPGradConfig,
+)
 from polycats.errors import PolycatsError
 
 if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a peer is built
@@ -108,163 +111,39 @@ if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a pe
 
 TORCHJD_VERSION = "0.18.0"
 
-TaskGradient = Literal["contribution", "mean_loss"]
+def build_aggregator(config: PeerConfig, num_tasks: int, preference: Tensor | None) -> Aggregator:
+    """The torchjd aggregator of ``config`` for ``num_tasks`` present tasks (``preference``: float64
+    ``[num_tasks]`` summing to 1, or None)."""
+    from torchjd import aggregation
 
-
-def task_gradient_field() -> Any:
-    return Field(
-        "contribution",
-        description="rows given to the method: contribution ∇(S_i/N) (sampler mix kept) or mean_loss ∇L_i",
-    )
-
-
-class PeerConfig(BaseModel):
-    """Base of the torchjd peers' options (each has ``name`` first, then ``task_gradient``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        """The torchjd aggregator for ``num_tasks`` present tasks (``preference``: float64 [num_tasks]
-        summing to 1, or None)."""
-        raise NotImplementedError
-
-
-class PCGradConfig(PeerConfig):
-    """PCGrad: each g_i is projected onto the normal plane of every g_j it conflicts with
-    (random order), the projected rows are summed."""
-
-    name: Literal["pcgrad"] = "pcgrad"
-    task_gradient: TaskGradient = task_gradient_field()
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import PCGrad
-
-        return PCGrad()
-
-
-class MGDAConfig(PeerConfig):
-    """MGDA: the min-norm point of the convex hull of the rows (Frank–Wolfe)."""
-
-    name: Literal["mgda"] = "mgda"
-    task_gradient: TaskGradient = task_gradient_field()
-    epsilon: float = Field(1e-3, gt=0, description="stop Frank–Wolfe when its step γ is below this")
-    max_iters: int = Field(100, ge=1, description="Frank–Wolfe iterations at most")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import MGDA
-
-        return MGDA(epsilon=self.epsilon, max_iters=self.max_iters)
-
-
-class CAGradConfig(PeerConfig):
-    """CAGrad: maximise the worst task's improvement within a ball of radius c·‖g_0‖ around the
-    mean gradient g_0 (needs cvxpy + clarabel)."""
-
-    name: Literal["cagrad"] = "cagrad"
-    task_gradient: TaskGradient = task_gradient_field()
-    c: float = Field(0.4, ge=0, description="radius scale of the ball around the mean gradient (0 = mean)")
-    norm_eps: float = Field(1e-4, ge=0, description="below this the combined norm counts as 0 (Pareto stationary)")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import CAGrad
-
-        return CAGrad(c=self.c, norm_eps=self.norm_eps)
-
-
-class NashMTLConfig(PeerConfig):
-    """Nash-MTL: the Nash bargaining solution Gᵀα with GGᵀα = 1/α (needs cvxpy + ecos)."""
-
-    name: Literal["nashmtl"] = "nashmtl"
-    task_gradient: TaskGradient = task_gradient_field()
-    max_norm: float = Field(1.0, ge=0, description="clip ‖αᵀG‖ to this (0 = no clipping)")
-    update_weights_every: int = Field(1, ge=1, description="solve for α every this many steps, reuse it between")
-    optim_niter: int = Field(20, ge=1, description="sequential convex iterations per solve")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import NashMTL
-
-        return NashMTL(
+    if isinstance(config, PCGradConfig):
+        return aggregation.PCGrad()
+    if isinstance(config, MGDAConfig):
+        return aggregation.MGDA(epsilon=config.epsilon, max_iters=config.max_iters)
+    if isinstance(config, CAGradConfig):
+        return aggregation.CAGrad(c=config.c, norm_eps=config.norm_eps)
+    if isinstance(config, NashMTLConfig):
+        return aggregation.NashMTL(
             n_tasks=num_tasks,
-            max_norm=self.max_norm,
-            update_weights_every=self.update_weights_every,
-            optim_niter=self.optim_niter,
+            max_norm=config.max_norm,
+            update_weights_every=config.update_weights_every,
+            optim_niter=config.optim_niter,
         )
-
-
-class UPGradConfig(PeerConfig):
-    """UPGrad: project each row onto the dual cone of all rows, combine with the preference."""
-
-    name: Literal["upgrad"] = "upgrad"
-    task_gradient: TaskGradient = task_gradient_field()
-    preference: dict[str, float] | None = Field(
-        None, description="per-language preference (renormalised over present tasks); default: mean"
-    )
-    norm_eps: float = Field(1e-4, ge=0, description="quadprog projector: Gramian normalisation epsilon")
-    reg_eps: float = Field(1e-4, ge=0, description="quadprog projector: added to the Gramian's diagonal")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import UPGrad
+    if isinstance(config, UPGradConfig):
         from torchjd.linalg import QuadprogProjector
 
-        return UPGrad(pref_vector=preference, projector=QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps))
+        return aggregation.UPGrad(
+            pref_vector=preference, projector=QuadprogProjector(norm_eps=config.norm_eps, reg_eps=config.reg_eps)
+        )
+    if isinstance(config, GradDropConfig):
+        leak = torch.full((num_tasks,), config.leak, dtype=torch.float32) if config.leak > 0 else None
+        return aggregation.GradDrop(leak=leak)
+    if isinstance(config, IMTLGConfig):
+        return aggregation.IMTLG()
+    if isinstance(config, AlignedMTLConfig):
+        return aggregation.AlignedMTL(pref_vector=preference, scale_mode=config.scale_mode)
+    raise TypeError(f"no torchjd aggregator for {type(config).__name__}")
 
-
-class GradDropConfig(PeerConfig):
-    """GradDrop: per coordinate, keep only the positive or only the negative components, drawn by
-    their sign purity."""
-
-    name: Literal["graddrop"] = "graddrop"
-    task_gradient: TaskGradient = task_gradient_field()
-    leak: float = Field(0.0, ge=0, le=1, description="share of every row that passes the sign mask unchanged")
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import GradDrop
-
-        leak = torch.full((num_tasks,), self.leak, dtype=torch.float32) if self.leak > 0 else None
-        return GradDrop(leak=leak)
-
-
-class IMTLGConfig(PeerConfig):
-    """IMTL-G: the combination whose projection onto every unit row is equal."""
-
-    name: Literal["imtlg"] = "imtlg"
-    task_gradient: TaskGradient = task_gradient_field()
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import IMTLG
-
-        return IMTLG()
-
-
-class AlignedMTLConfig(PeerConfig):
-    """Aligned-MTL: align the principal components of the rows (condition number 1), then
-    combine with the preference."""
-
-    name: Literal["alignedmtl"] = "alignedmtl"
-    task_gradient: TaskGradient = task_gradient_field()
-    preference: dict[str, float] | None = Field(
-        None, description="per-language preference (renormalised over present tasks); default: mean"
-    )
-    scale_mode: Literal["min", "median", "rmse"] = Field(
-        "min", description="eigenvalue that sets the scale: smallest, median, or mean (rmse, the original code)"
-    )
-
-    def aggregator(self, num_tasks: int, preference: Tensor | None) -> Aggregator:
-        from torchjd.aggregation import AlignedMTL
-
-        return AlignedMTL(pref_vector=preference, scale_mode=self.scale_mode)
-
-
-PEER_CONFIGS: tuple[type[PeerConfig], ...] = (
-    PCGradConfig,
-    MGDAConfig,
-    CAGradConfig,
-    NashMTLConfig,
-    UPGradConfig,
-    GradDropConfig,
-    IMTLGConfig,
-    AlignedMTLConfig,
-)
 
 _INSTALL = f'pip install "torchjd[quadprog-projector,cagrad,nash-mtl]=={TORCHJD_VERSION}"'
 
@@ -530,7 +409,7 @@ class TorchJDBalancer:
                 preference = chosen / total if total > 0 else torch.full_like(chosen, 1 / len(index))
             assert self.config is not None
             try:
-                aggregator = self.config.aggregator(len(index), preference)
+                aggregator = build_aggregator(self.config, len(index), preference)
             except ImportError as error:
                 raise PolycatsError(
                     f"balancer.name={self.name} needs an optional dependency of torchjd: {error}. "

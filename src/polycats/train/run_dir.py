@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from polycats.balance.base import Balancer
+from polycats.balance.build import balancer_from_config
 from polycats.config import Config, config_from_dict, load_config
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.errors import PolycatsError
@@ -45,30 +46,7 @@ def build_model(config: Config, vocab_size: int) -> Transformer:
 
 def build_balancer(config: Config, tasks: list[str], probabilities=None) -> Balancer:
     """The configured balancer; ``probabilities`` (the sampler's, in task order) is needed by dro."""
-    from polycats.balance.cats import CATS
-    from polycats.balance.dro import ChiSquareDRO
-    from polycats.balance.gradvac import GradVac
-    from polycats.balance.scalar import ScalarBalancer
-    from polycats.balance.torchjd_peers import PeerConfig, TorchJDBalancer
-
-    options = config.balancer
-    if options.name == "cats":
-        return CATS(tasks, options)
-    languages = dict(zip(tasks, config.data.languages))
-    if options.name == "gradvac":
-        return GradVac(tasks, options)
-    if options.name == "dro":
-        if probabilities is None:
-            raise PolycatsError("balancer.name=dro needs the sampling probabilities (build_balancer(..., probabilities))")
-        return ChiSquareDRO(tasks, probabilities, options)
-    if isinstance(options, PeerConfig):
-        preference = getattr(options, "preference", None)
-        unknown = sorted(set(preference or {}) - set(languages.values()))
-        if unknown:
-            raise PolycatsError(f"balancer.preference names {', '.join(unknown)}, not in data.languages")
-        return TorchJDBalancer(tasks, options, preference=preference and [preference.get(lang, 1.0) for lang in languages.values()])
-    weights = options.weights and {task: options.weights.get(lang, 1.0) for task, lang in languages.items()}
-    return ScalarBalancer(tasks, weights)
+    return balancer_from_config(config.balancer, tasks, list(config.data.languages), probabilities)
 
 
 def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str]:
