@@ -7,7 +7,6 @@ SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 
 from __future__ import annotations
 
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -198,15 +197,13 @@ def analyze(
 
 @app.command()
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="experiment directories (index.json), folders of run directories, or run directories")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories; the first is the baseline of paired comparisons")],
     out: Annotated[Path, typer.Option("--out", help="where report.md, report.html and the figures go")],
-    results: Annotated[Optional[Path], typer.Option("--results", help="also write this Markdown page (e.g. docs/results.md), figures in a folder beside it")] = None,
 ) -> None:
-    """Tables (BLEU/chrF ± 95% CI, claims), curves, diagnostics and examples over runs and grids."""
+    """Tables (group BLEU/chrF, diagnostics over training) and figures over finished runs."""
     from polycats.report.report import build_report
 
-    command = "polycats report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
-    console.print(f"written: {build_report(paths, out, command=command, results=results)} (+ report.html, figures)")
+    console.print(f"written: {build_report(run_dirs, out)} (+ report.html, figures)")
 
 
 @app.command()
