@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from polycats.diagnostics.analyze import TRAINING_SETTINGS, DiagnosticSettings
+from polycats.diagnostics.model_summary import TRAINING_SETTINGS, DiagnosticSettings
 from polycats.diagnostics.curvature import top_eigenvalue
 from polycats.model.transformer import Transformer, TransformerShape
 

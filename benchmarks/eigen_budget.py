@@ -20,11 +20,12 @@ import time
 
 import torch
 
-from polycats.diagnostics.analyze import TRAINING_SETTINGS, DiagnosticSettings, diagnostic_closures, group_members
+from polycats.diagnostics.model_summary import TRAINING_SETTINGS, DiagnosticSettings, diagnostic_closures, group_members
 from polycats.diagnostics.curvature import top_eigenvalue
 from polycats.diagnostics.gradients import combine_losses
-from polycats.train.checkpoint import load_checkpoint
-from polycats.train.run_dir import RunDir, build_model
+from polycats.run.build import build_model
+from polycats.run.checkpoint import load_checkpoint
+from polycats.run.directory import RunDir
 
 SETTINGS = {"analyze": DiagnosticSettings(), "training": TRAINING_SETTINGS}
 

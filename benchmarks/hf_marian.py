@@ -52,7 +52,7 @@ def models(config, vocab_size: int):
     from transformers import MarianConfig, MarianMTModel
 
     from polycats.data.prepare import BOS, EOS, PAD
-    from polycats.train.run_dir import build_model
+    from polycats.run.build import build_model
 
     torch.manual_seed(0)
     ours = build_model(config, vocab_size)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from polycats.config import config_from_dict
-from polycats.diagnostics.analyze import DiagnosticSettings, DiagnosticsNotConvergedWarning, analyze_run
+from polycats.diagnostics.analyze import analyze_run
+from polycats.diagnostics.model_summary import DiagnosticSettings, DiagnosticsNotConvergedWarning
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 

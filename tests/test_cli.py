@@ -215,7 +215,7 @@ def test_analyze_defaults_are_the_library_defaults():
 
 def test_checkpoint_errors_are_one_line(tmp_path):
     from polycats.errors import PolycatsError
-    from polycats.train.checkpoint import load_checkpoint, save_checkpoint
+    from polycats.run.checkpoint import load_checkpoint, save_checkpoint
 
     save_checkpoint({"model": {"w": torch.zeros(3)}, "update": 1}, tmp_path / "ok.pt")
     assert load_checkpoint(tmp_path / "ok.pt")["update"] == 1

@@ -15,9 +15,9 @@ from cli_runner import assert_one_line_error, run_cli, text
 
 from polycats.config import config_from_dict
 from polycats.errors import PolycatsError
-from polycats.train.checkpoint import on_cpu
+from polycats.run.build import resolve_device
+from polycats.run.checkpoint import on_cpu
 from polycats.train.metrics import read_metrics
-from polycats.train.run_dir import resolve_device
 from polycats.train.trainer import train
 
 NO_CUDA = "train.device=cuda but no CUDA device is available; use auto or cpu"

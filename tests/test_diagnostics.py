@@ -37,7 +37,7 @@ from polycats.diagnostics.gradients import (
     select_parameters,
     translation_loss,
 )
-from polycats.diagnostics.analyze import TRAINING_SETTINGS, DiagnosticSettings
+from polycats.diagnostics.model_summary import TRAINING_SETTINGS, DiagnosticSettings
 from polycats.model.transformer import Transformer, TransformerShape
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -68,7 +68,7 @@ def random_rows(k: int, p: int, seed: int) -> torch.Tensor:
      ("alignedmtl", {"scale_mode": "rmse"}), ("gradvac", {"grouping": "per_tensor"}), ("dro", {"rho": 0.3})],
 )
 def test_every_peer_is_one_config_line_away(name, options):
-    from polycats.train.run_dir import build_balancer
+    from polycats.run.build import build_balancer
 
     config = config_from_dict({
         "data": {"source": "synthetic", "languages": {"de": 100, "sw": 10}},
@@ -84,7 +84,7 @@ def test_every_peer_is_one_config_line_away(name, options):
 
 
 def test_dro_without_probabilities_and_unknown_preference_are_clear_errors():
-    from polycats.train.run_dir import build_balancer
+    from polycats.run.build import build_balancer
 
     data = {"source": "synthetic", "languages": {"de": 100, "sw": 10}}
     with pytest.raises(PolycatsError, match="sampling probabilities"):

@@ -29,11 +29,12 @@ from polycats.config import DataConfig, config_from_dict, load_config
 from polycats.data.corpus import ParallelCorpus, read_corpus
 from polycats.errors import PolycatsError
 from polycats.train import trainer as trainer_module
-from polycats.train.checkpoint import (
+from polycats.run.build import build_balancer
+from polycats.run.checkpoint import (
     CheckpointFallbackWarning, CorruptCheckpoint, load_checkpoint, save_checkpoint, state_checksum,
 )
+from polycats.run.directory import RunDir
 from polycats.train.metrics import read_metrics
-from polycats.train.run_dir import RunDir, build_balancer
 from polycats.train.trainer import NAN_HOOK, Trainer, train
 
 from cli_runner import assert_one_line_error, run_cli, text as cli_text

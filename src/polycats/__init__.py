@@ -11,7 +11,7 @@ The library API for your own training loop::
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from polycats.version import __version__
 
 # Exports load on first use, so `polycats --help` and config errors do not wait for torch.
 _EXPORTS = {

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import polycats
 from polycats.config import load_config, parse_yaml, preset_path
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_json
@@ -96,7 +95,7 @@ def source_commit() -> str:
     """The git commit of the polycats source that runs (``+dirty`` with uncommitted changes to
     tracked files). Outside a git checkout (a copied tree, an image): ``$POLYCATS_COMMIT`` as the
     copier states it, else ``unknown``."""
-    root = Path(polycats.__file__).resolve().parent
+    root = Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -183,7 +182,7 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
     spec, base = load_grid(grid)
     runs = expand(spec)
     if device is not None:
-        from polycats.train.run_dir import resolve_device
+        from polycats.run.build import resolve_device
 
         resolve_device(device)  # no CUDA: one error now, not one per run
         runs = [replace(run, overrides=(*run.overrides, f"train.device={device}")) for run in runs]

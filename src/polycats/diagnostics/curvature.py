@@ -30,34 +30,9 @@ Ritz value is within ``tol`` and, only when that value is negative, that of ``la
 (same Krylov space): the same labels as power iteration. With ``ends="both"`` it asks ARPACK for
 one eigenvalue at each end (``which="BE"``) and reads all three labels off them.
 
-HVP timings, seconds per product (torch 2.13 CPU, eval mode; our Transformer with 3+3 layers,
-4 heads, ``ffn_dim = 4 d_model``, vocab 8000, batch 16 x 32 source and 16 x 32 target tokens;
-median of 5 products after one warm-up, the operators taking turns; measured with
-``python -m polycats.diagnostics.curvature [threads]`` on a 2-core machine shared with other jobs,
-so runs differed by up to 2x; the lowest median over 2-3 runs at 1 thread (one run at d_model
-256), and one clean 2-thread run at d_model 128; the order never changed):
-
-==================================  ============  ============  ============  ============
-                                    d_model 64    d_model 128   d_model 256   d_model 128
-                                    (0.86M)       (2.4M)        (7.6M)        2 threads
-==================================  ============  ============  ============  ============
-one gradient (forward + backward)   0.08          0.18          0.82          0.14
-double backward, graph reused       **0.20**      **0.37**      **1.36**      **0.27**
-double backward, graph rebuilt      0.30          0.55          2.13          0.48
-forward-over-reverse                0.49          0.73          2.48          0.59
-==================================  ============  ============  ============  ============
-
-The reused graph costs one extra forward + ``create_graph`` backward once (in the first product)
-and keeps that graph in memory while the operator lives; it is the
-default (:data:`DEFAULT_HVP`). Forward-over-reverse pays ``torch.func``'s per-operator overhead
-(0.1 s per product on the 1.7k-parameter test Transformer, against 0.03 s for double backward
-with the graph rebuilt and 0.01 s with it reused).
-With 2 threads while other jobs ran, every operator was slower and erratic (thread contention).
-
-A whole ``top_eigenvalue`` at 1 thread (random init, same batch): d_model 64, Lanczos (tol 1e-4)
-39 products / 18 s, power iteration (tol 1e-3) 62 products / 34 s and 0.8% off; d_model 256,
-Lanczos 142 products / 242 s (tol 1e-3: 107 / 171 s, same value to 1e-8), power iteration 113
-products / 172 s and 2.8% off (``lambda_min = -36.5`` dominates ``lambda_max = 9.93``).
+The reused graph (:class:`DoubleBackwardHVP`, the default :data:`DEFAULT_HVP`) is the fastest
+operator on our Transformer; timings per product and of whole solves are in docs/performance.md
+(``python benchmarks/run.py``).
 
 Example::
 
@@ -80,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -759,63 +733,3 @@ def curvature_report(
 
 def _with_settings(result: ExtremeEigenvalues, **extra: object) -> ExtremeEigenvalues:
     return ExtremeEigenvalues(**{**asdict(result), "settings": {**result.settings, **extra}})
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def benchmark(d_models: Sequence[int] = (64, 128), repeats: int = 5, seed: int = 0) -> list[dict[str, object]]:
-    """Seconds per Hessian-vector product for each operator on our Transformer (the numbers in the
-    module docstring), next to one plain forward+backward pass. The operators take turns, round
-    by round, so a busy machine slows them alike. Run with ``python -m polycats.diagnostics.curvature``.
-    """
-    from polycats.diagnostics.gradients import translation_loss
-    from polycats.model.transformer import Transformer, TransformerShape
-
-    rows = []
-    for d_model in d_models:
-        torch.manual_seed(seed)
-        shape = TransformerShape(vocab_size=8000, d_model=d_model, encoder_layers=3, decoder_layers=3,
-                                 heads=4, ffn_dim=4 * d_model)
-        model = Transformer(shape)
-        src = torch.randint(1, shape.vocab_size, (16, 32))
-        tgt = torch.randint(1, shape.vocab_size, (16, 33))
-        loss = translation_loss(model, src, tgt[:, :-1], tgt[:, 1:], shape.pad_id)
-
-        def gradient() -> None:
-            with eval_mode(model):
-                torch.autograd.grad(mean_loss(loss()), list(model.parameters()))
-
-        operators = {
-            "double_backward (graph reused)": DoubleBackwardHVP(model, loss),
-            "double_backward (graph rebuilt)": DoubleBackwardHVP(model, loss, reuse_graph=False),
-            "forward_over_reverse": ForwardOverReverseHVP(model, loss),
-        }
-        size = operators["forward_over_reverse"].size
-        v = torch.randn(size, generator=torch.Generator().manual_seed(seed))
-        jobs: dict[str, Callable[[], object]] = {"gradient only (reference)": gradient}
-        jobs |= {name: (lambda op=op: op.matvec(v)) for name, op in operators.items()}
-        first, times = {}, {name: [] for name in jobs}
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            job()  # warm-up (and the graph build for the reused graph)
-            first[name] = time.perf_counter() - start
-        for _ in range(repeats):
-            for name, job in jobs.items():
-                start = time.perf_counter()
-                job()
-                times[name].append(time.perf_counter() - start)
-        rows += [{"d_model": d_model, "parameters": size, "operator": name, "first_s": first[name],
-                  "median_s": float(np.median(times[name]))} for name in jobs]
-        operators.clear()
-    return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    for row in benchmark():
-        print(f"d_model={row['d_model']:4d} P={row['parameters']:>9,} {row['operator']:32s} "
-              f"first {row['first_s']:.3f} s  median {row['median_s']:.3f} s")

@@ -66,6 +66,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from polycats.model.transformer import token_losses
+
 LossValue = Tensor | tuple[Tensor, "Tensor | int | float"]
 LossClosure = Callable[[], LossValue]
 ParameterFilter = Callable[[str], bool]
@@ -124,8 +126,6 @@ def translation_loss(
     ``label_smoothing=0`` gives the token NLL (the spec's task/group loss); pass the trainer's value
     to get its training loss. The batch is moved to the model's device once, here.
     """
-    from polycats.model.transformer import token_losses
-
     device = next(model.parameters()).device
     src, tgt_in, target = src.to(device), tgt_in.to(device), target.to(device)
     n_tokens = int((target != pad_id).sum())

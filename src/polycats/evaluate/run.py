@@ -18,7 +18,8 @@ from polycats.evaluate.beam import search
 from polycats.evaluate.scoring import build_eval_report, score_directions
 from polycats.io import atomic_write_json, atomic_write_text
 from polycats.model.transformer import Transformer
-from polycats.train.run_dir import RunDir, set_threads
+from polycats.run.build import set_threads
+from polycats.run.directory import RunDir
 
 
 def never_generated(data: PreparedData) -> list[int]:

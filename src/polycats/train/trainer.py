@@ -40,15 +40,15 @@ from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch, sampling_probabilities
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.diagnostics.curvature import hessian_operator
+from polycats.diagnostics.model_summary import combined_weights, training_diagnostics
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_text, remove_stale_temp_files
 from polycats.model.transformer import Transformer
-from polycats.train.checkpoint import load_latest, save_checkpoint, save_rotating
+from polycats.run.build import build_balancer, build_model, resolve_device, set_threads
+from polycats.run.checkpoint import load_latest, save_checkpoint, save_rotating
+from polycats.run.directory import RunDir, RunLock, config_differences, summarise, with_current_defaults
 from polycats.train.metrics import MetricsLog
-from polycats.train.run_dir import (
-    RunDir, RunLock, build_balancer, build_model, config_differences, resolve_device, set_threads, summarise,
-    with_current_defaults,
-)
+from polycats.version import __version__
 
 MAX_SKIPPED_IN_A_ROW = 20
 NAN_HOOK = "POLYCATS_TEST_NAN_AT"
@@ -267,8 +267,6 @@ class Trainer:
         return self.run.checkpoints / "last.pt"
 
     def state(self, metrics_offset: int) -> dict:
-        from polycats import __version__
-
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -483,8 +481,6 @@ class Trainer:
     def diagnostics(self) -> dict[str, float]:
         """HiRes/LoRes gradient cosine and top Hessian eigenvalues (groups, combined loss) on fixed
         training batches; the random state is untouched, so logging them does not change training."""
-        from polycats.diagnostics.analyze import combined_weights, training_diagnostics
-
         weights = combined_weights(self.tasks, self.sampling_at(self.update).tolist(), self.balancer.loss_weights().tolist())
         return training_diagnostics(self.model, self.data, weights)
 

@@ -1,6 +1,6 @@
-"""A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/, .lock — and how to
-rebuild the model and data of a finished run (used by evaluate, translate and analyze), on the
-device it is asked for."""
+"""A run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, tb/, .lock — its config,
+checkpoints and the model of a finished run (for evaluate, translate and analyze), and the lock
+that keeps one trainer per directory."""
 
 from __future__ import annotations
 
@@ -10,43 +10,15 @@ from pathlib import Path
 
 import torch
 
-from polycats.balance.base import Balancer
-from polycats.balance.build import balancer_from_config
 from polycats.config import Config, config_from_dict, load_config
-from polycats.data.prepare import PAD, PreparedData, prepare
+from polycats.data.prepare import PreparedData, prepare
 from polycats.errors import PolycatsError
-from polycats.model.transformer import Transformer, TransformerShape
-from polycats.train.checkpoint import load_checkpoint
+from polycats.model.transformer import Transformer
+from polycats.run.build import build_model, resolve_device
+from polycats.run.checkpoint import load_checkpoint
 
 # Changing these on resume is allowed: they do not change what has been trained so far.
 RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("train", "device"), ("eval",)}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` (or a command's ``--device``) as a torch device: ``auto`` is CUDA when
-    torch sees a CUDA device, else the CPU; ``cuda`` is the current CUDA device (respects
-    ``CUDA_VISIBLE_DEVICES``) and an error when there is none."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise PolycatsError(f"device must be auto, cpu or cuda, not '{name}'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise PolycatsError("train.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def build_model(config: Config, vocab_size: int) -> Transformer:
-    m = config.model
-    return Transformer(TransformerShape(
-        vocab_size=vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
-        heads=m.heads, ffn_dim=m.ffn_dim, dropout=m.dropout, attention_dropout=m.attention_dropout,
-        pad_id=PAD,
-    ))
-
-
-def build_balancer(config: Config, tasks: list[str], probabilities=None) -> Balancer:
-    """The configured balancer; ``probabilities`` (the sampler's, in task order) is needed by dro."""
-    return balancer_from_config(config.balancer, tasks, list(config.data.languages), probabilities)
 
 
 def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str]:
@@ -181,8 +153,3 @@ class RunLock:
         if self.handle is not None:
             self.handle.close()  # closing the descriptor drops the flock
             self.handle = None
-
-
-def set_threads(threads: int) -> None:
-    if threads:
-        torch.set_num_threads(threads)

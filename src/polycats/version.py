@@ -1,0 +1,3 @@
+"""The package version (recorded in checkpoints and experiment indexes)."""
+
+__version__ = "0.1.0"
