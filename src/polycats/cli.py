@@ -53,12 +53,14 @@ def file_system_error(error: OSError) -> str:
     from polycats.config import cache_dir
 
     path = Path(error.filename)
-    reason = unwritable_reason(path.parent) or error.strerror or str(error)
+    # A file in the way of a directory: the problem is on the path itself; otherwise where it goes.
+    in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
+    reason = unwritable_reason(path if in_the_way else path.parent) or error.strerror or str(error)
     if path.resolve().is_relative_to(cache_dir().resolve()):
         fix = f"set POLYCATS_CACHE to a writable directory (prepared data is cached there; now {cache_dir()})"
     else:
         fix = "make it writable or choose another location"
-    return f"cannot write {path}: {reason}; {fix}"
+    return f"{path}: {reason}; {fix}"
 
 
 @app.callback()
