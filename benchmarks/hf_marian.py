@@ -108,16 +108,16 @@ def throughput_rows(quick: bool) -> list[dict]:
 
 
 def training_rows(updates: int, warmup: int, overrides: tuple[str, ...] = ()) -> list[dict]:
-    from polycats.data.batching import BatchStream, sampling_probabilities
+    from polycats.data.batching import BatchStream
     from polycats.data.prepare import PAD
+    from polycats.data.sampling import SamplingSchedule
     from polycats.model.transformer import token_losses
 
     threads = use_all_cores()
     config, data = demo_data(overrides)
     t = config.train
     train = data.split("train")
-    probabilities = sampling_probabilities({task: len(train[task]) for task in data.tasks}, config.sampling.temperature)
-    stream = BatchStream(train, probabilities, t.max_tokens, t.seed)
+    stream = BatchStream(train, SamplingSchedule.from_config(config.sampling, data.task_table).at(0), t.max_tokens, t.seed)
     batches = [stream.next() for _ in range(warmup + updates)]
     ours, marian = models(config, data.vocab_size)
 

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polycats.data.batching import Batch, BatchStream, collate, fixed_batches, sampling_probabilities
+from polycats.data.batching import Batch, BatchStream, collate, fixed_batches
+from polycats.data.sampling import sampling_probabilities
 from polycats.data.prepare import BOS, EOS, PAD, TaskArrays
 
 # ------------------------------------------------------------------------------ probabilities
@@ -280,3 +281,21 @@ def test_fixed_batches_cover_every_sentence_once(data, max_tokens):
         rows += identify(batch, data)
     assert sorted(rows) == sorted((t, i) for t, n in enumerate(SIZES.values()) for i in range(n))
     assert fixed_batches(data, max_tokens)[0].src.tolist() == batches[0].src.tolist()  # deterministic
+
+
+def test_the_sampling_schedule_is_the_first_stage_then_the_mix():
+    from polycats.config import SamplingConfig
+    from polycats.data.sampling import SamplingSchedule, Task
+    from polycats.errors import PolycatsError
+
+    tasks = [Task("de-en", "de", "HiRes", 800), Task("fr-en", "fr", "MidRes", 400), Task("sw-en", "sw", "LoRes", 100)]
+    one = SamplingSchedule.from_config(SamplingConfig(), tasks)
+    assert one.first_stage is None and one.at(0) is one.at(10**6) is one.probabilities
+    np.testing.assert_allclose(one.probabilities, [800 / 1300, 400 / 1300, 100 / 1300])
+    two = SamplingSchedule.from_config(SamplingConfig(first_stage_updates=5, first_stage_languages=["fr", "sw"]), tasks)
+    np.testing.assert_allclose(two.at(4), [0.0, 0.8, 0.2])
+    assert two.at(5) is two.probabilities
+    weighted = SamplingSchedule.from_config(SamplingConfig(weights={"de": 1.0, "fr": 0.0, "sw": 3.0}), tasks)
+    np.testing.assert_allclose(weighted.probabilities, [0.25, 0.0, 0.75])
+    with pytest.raises(PolycatsError, match="sampling.weights has no weight for fr, sw"):
+        SamplingSchedule.from_config(SamplingConfig(weights={"de": 1.0}), tasks)

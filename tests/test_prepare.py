@@ -11,7 +11,8 @@ import pytest
 
 from polycats.config import DataConfig
 from polycats.data import prepare as prepare_module
-from polycats.data.prepare import EOS, PAD, language_tag, prepare, temperature_probabilities
+from polycats.data.prepare import EOS, PAD, language_tag, prepare
+from polycats.data.sampling import temperature_probabilities
 from polycats.errors import PolycatsError
 
 

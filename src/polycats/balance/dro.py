@@ -135,7 +135,7 @@ class ChiSquareDRO:
     """χ²-DRO task weights ``w_i = q_i / p_i`` (a loss-weighting balancer).
 
     ``ChiSquareDRO(tasks, probabilities, config=None, **overrides)``: ``probabilities`` is the
-    sampling distribution ``p`` in task order (the trainer's ``sampling_probabilities``);
+    sampling distribution ``p`` in task order (``SamplingSchedule.probabilities``);
     overrides are :class:`DROConfig` fields.
     """
 

@@ -16,18 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polycats.data.prepare import BOS, PAD, TaskArrays, temperature_probabilities
+from polycats.data.prepare import BOS, PAD, TaskArrays
 
 CHUNK_BATCHES = 32
-
-
-def sampling_probabilities(sizes: dict[str, int], temperature: float, weights: dict[str, float] | None = None) -> np.ndarray:
-    """Per-task probabilities in task order; explicit per-task ``weights`` replace the formula."""
-    if weights:
-        values = np.array([float(weights[task]) for task in sizes])
-        return values / values.sum()
-    probabilities = temperature_probabilities(sizes, temperature)
-    return np.array([probabilities[task] for task in sizes])
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from polycats.config import DataConfig, cache_dir
 from polycats.data import corpus as corpus_module
 from polycats.data.corpus import SPLITS, ParallelCorpus, read_corpus, source_files
+from polycats.data.sampling import Task, temperature_probabilities
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
 
@@ -41,13 +42,6 @@ def language_tag(language: str) -> str:
 def task_languages(task: str) -> tuple[str, str]:
     src, tgt = task.split("-")
     return src, tgt
-
-
-def temperature_probabilities(sizes: dict[str, int], temperature: float) -> dict[str, float]:
-    """p_i ∝ n_i^(1/T): T=1 proportional, T→∞ uniform."""
-    scaled = {name: float(size) ** (1.0 / temperature) for name, size in sizes.items()}
-    total = sum(scaled.values())
-    return {name: value / total for name, value in scaled.items()}
 
 
 def corpus_digest(corpus: ParallelCorpus) -> str:
@@ -150,6 +144,13 @@ class PreparedData:
     @property
     def tasks(self) -> list[str]:
         return self.meta["tasks"]
+
+    @property
+    def task_table(self) -> list[Task]:
+        """Each task with its language (of ``data.languages``), group and training pairs."""
+        pick = 0 if self.meta["direction"] == "m2o" else 1
+        return [Task(task, task_languages(task)[pick], self.meta["groups"][task], self.meta["sizes"][task]["train"])
+                for task in self.tasks]
 
     @property
     def vocab_size(self) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polycats.data.batching import sampling_probabilities
+from polycats.data.sampling import SamplingSchedule
 from polycats.diagnostics.model_summary import DiagnosticSettings, analyze_model, combined_weights, warn_unconverged
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
@@ -60,10 +60,7 @@ def analyze_run(
     else:
         path = Path(checkpoint) if checkpoint.endswith(".pt") else run.checkpoint_path(checkpoint)
         targets = [(-1, path)]
-    train = data.split("train")
-    probabilities = sampling_probabilities({t: len(train[t]) for t in data.tasks}, config.sampling.temperature,
-                                           config.sampling.weights and {t: config.sampling.weights.get(lang, 0.0)
-                                                                        for t, lang in zip(data.tasks, config.data.languages)})
+    sampling = SamplingSchedule.from_config(config.sampling, data.task_table)  # as the trainer samples
     out = run.path / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     curves, curvature_all = [], {}
@@ -84,10 +81,10 @@ def analyze_run(
             state = load_checkpoint(path)
             model.load_state_dict(state["model"])
             update = int(state.get("update", update))
-            balancer = build_balancer(config, data.tasks, probabilities)
+            balancer = build_balancer(config, data.tasks, sampling.probabilities)
             if "balancer" in state:
                 balancer.load_state_dict(state["balancer"])
-            weights = combined_weights(data.tasks, probabilities.tolist(), balancer.loss_weights().tolist())
+            weights = combined_weights(data.tasks, sampling.at(update).tolist(), balancer.loss_weights().tolist())
             result = analyze_model(model, data, weights, settings, progress=solve_progress)
             warn_unconverged(result, f"update {update}", settings,
                              "it is marked converged=false in summary.json; raise --max-iter or --tol")

@@ -37,8 +37,9 @@ from polycats.balance.base import BalancerContext, CurvatureProbe, TaskStats
 from polycats.balance.task_gradients import TaskLoss, accumulate_into_grad, gradient_dtype, per_task_gradients
 from polycats.balance.task_split import TaskSplit
 from polycats.config import Config
-from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch, sampling_probabilities
+from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch
 from polycats.data.prepare import PAD, PreparedData, prepare
+from polycats.data.sampling import SamplingSchedule
 from polycats.diagnostics.curvature import hessian_operator
 from polycats.diagnostics.model_summary import combined_weights, training_diagnostics
 from polycats.errors import Interrupted, PolycatsError
@@ -195,12 +196,10 @@ class Trainer:
         t = config.train
         self.optimizer = torch.optim.Adam(self.params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         train = self.data.split("train")
-        sizes = {task: len(train[task]) for task in self.tasks}
-        self.probabilities = sampling_probabilities(sizes, config.sampling.temperature, self.sampling_weights())
-        self.first_stage = self.first_stage_probabilities()
-        self.balancer = build_balancer(config, self.tasks, self.probabilities)
+        self.sampling = SamplingSchedule.from_config(config.sampling, self.data.task_table)
+        self.balancer = build_balancer(config, self.tasks, self.sampling.probabilities)
         self.balancer.bind(BalancerContext([(name, p) for name, p in self.model.named_parameters() if p.requires_grad]))
-        self.stream = BatchStream(train, self.sampling_at(0), t.max_tokens, t.seed)
+        self.stream = BatchStream(train, self.sampling.at(0), t.max_tokens, t.seed)
         self.valid_batches = [batch.to(self.device) for batch in fixed_batches(self.data.split("valid"), t.max_tokens)]
         self.valid_sample: list[Batch] | None = None  # CATS source=valid: built on first use
         self.update = 0
@@ -221,45 +220,6 @@ class Trainer:
     @property
     def batches_drawn(self) -> int:
         return self.update + self.skipped_total
-
-    def sampling_weights(self) -> dict[str, float] | None:
-        weights = self.config.sampling.weights
-        if not weights:
-            return None
-        languages = dict(zip(self.tasks, self.config.data.languages))
-        missing = [lang for lang in languages.values() if lang not in weights]
-        if missing:
-            raise PolycatsError(f"sampling.weights has no weight for {', '.join(missing)}; give every language a weight")
-        if sum(weights[lang] for lang in languages.values()) <= 0:
-            raise PolycatsError("sampling.weights must give a positive weight to at least one language")
-        return {task: weights[lang] for task, lang in languages.items()}
-
-    def first_stage_probabilities(self) -> np.ndarray | None:
-        """The two-stage schedule's first stage: the mix restricted to its languages, renormalised."""
-        sampling = self.config.sampling
-        if not sampling.first_stage_updates:
-            return None
-        languages = dict(zip(self.tasks, self.config.data.languages))
-        chosen = sampling.first_stage_languages
-        if chosen is None:
-            chosen = [lang for task, lang in languages.items() if self.groups[task] == "HiRes"]
-            if not chosen:
-                raise PolycatsError("sampling.first_stage_updates: no language is HiRes (data.groups.hires_from); "
-                                    "name the first stage's languages in sampling.first_stage_languages")
-        unknown = [lang for lang in chosen if lang not in languages.values()]
-        if unknown:
-            raise PolycatsError(f"sampling.first_stage_languages: {', '.join(unknown)} not in data.languages "
-                                f"({', '.join(languages.values())})")
-        first = np.where([lang in chosen for lang in languages.values()], self.probabilities, 0.0)
-        if first.sum() <= 0:
-            raise PolycatsError("sampling.first_stage_languages: every one has sampling probability 0")
-        return first / first.sum()
-
-    def sampling_at(self, update: int) -> np.ndarray:
-        """Task probabilities for the batch after ``update`` updates."""
-        if self.first_stage is not None and update < self.config.sampling.first_stage_updates:
-            return self.first_stage
-        return self.probabilities
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -481,7 +441,7 @@ class Trainer:
     def diagnostics(self) -> dict[str, float]:
         """HiRes/LoRes gradient cosine and top Hessian eigenvalues (groups, combined loss) on fixed
         training batches; the random state is untouched, so logging them does not change training."""
-        weights = combined_weights(self.tasks, self.sampling_at(self.update).tolist(), self.balancer.loss_weights().tolist())
+        weights = combined_weights(self.tasks, self.sampling.at(self.update).tolist(), self.balancer.loss_weights().tolist())
         return training_diagnostics(self.model, self.data, weights)
 
     # ------------------------------------------------------------------ the loop
@@ -512,9 +472,9 @@ class Trainer:
         metrics = MetricsLog(self.run.path)
         sizes = self.data.meta["sizes"]
         metrics.log("start", 0, {
-            **{f"sampling_p/{task}": float(p) for task, p in zip(self.tasks, self.probabilities)},
-            **({f"first_stage_p/{task}": float(p) for task, p in zip(self.tasks, self.first_stage)}
-               if self.first_stage is not None else {}),
+            **{f"sampling_p/{task}": float(p) for task, p in zip(self.tasks, self.sampling.probabilities)},
+            **({f"first_stage_p/{task}": float(p) for task, p in zip(self.tasks, self.sampling.first_stage)}
+               if self.sampling.first_stage is not None else {}),
             **{f"train_pairs/{task}": sizes[task]["train"] for task in self.tasks},
             "parameters": sum(p.numel() for p in self.params),
             "device": str(self.device),  # resolved (train.device auto is the same config on every machine)
@@ -531,7 +491,7 @@ class Trainer:
             while self.update < t.max_updates and not stopped_early:
                 if self.stop_signal is not None:
                     self.stop_for_signal(metrics)
-                self.stream.set_probabilities(self.sampling_at(self.update))
+                self.stream.set_probabilities(self.sampling.at(self.update))
                 batch = self.stream.next()
                 step = self.train_step(batch)
                 if "skipped" in step:
