@@ -12,7 +12,9 @@ import torch
 from polycats.config import config_from_dict
 from polycats.diagnostics.curvature import hessian_operator
 from polycats.train import trainer as trainer_module
-from polycats.train.trainer import NAN_HOOK, Trainer
+from polycats.train.trainer import Trainer
+
+from nan_injection import poison_batches
 
 TINY = {
     "name": "tiny",
@@ -35,7 +37,7 @@ def tiny_config(**balancer):
 
 def test_skipped_batches_do_not_move_the_cats_schedule(tmp_path, monkeypatch):
     # Batch 2 falls on a per-task (warm-up) step, batch 6 on a weighted step between α updates.
-    monkeypatch.setenv(NAN_HOOK, "2,6")
+    poison_batches(monkeypatch, {2, 6})
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
     trainer.fit()
     assert trainer.update == 8 and trainer.skipped_total == 2

@@ -4,7 +4,7 @@ best/snapshot checkpoints, metrics.jsonl but the wall-clock ``tokens_per_s``) to
 run of the same config on CPU.
 
 The config is tiny but has every source of state: dropout (torch RNG), CATS (α, λ, EMAs), NaN
-batches injected through the ``POLYCATS_TEST_NAN_AT`` hook (skipped updates and their
+batches injected by ``nan_injection.poison_batches`` (skipped updates and their
 counters), and save/log/valid periods that do not divide each other (the logging window is in
 the checkpoint). Each kill lands at a uniform random time within the training that is left, so
 kills hit startup, updates, validation, metrics and checkpoint writes alike.
@@ -33,7 +33,9 @@ import torch
 from polycats.config import config_from_dict
 from polycats.data.prepare import prepare
 from polycats.train.metrics import read_metrics
-from polycats.train.trainer import NAN_HOOK, Trainer
+from polycats.train.trainer import Trainer
+
+from nan_injection import poison_batches
 
 CRASH = {
     "name": "crash",
@@ -44,7 +46,7 @@ CRASH = {
     "train": {"max_updates": 40, "max_tokens": 256, "warmup_updates": 5, "save_every": 7, "valid_every": 5,
               "log_every": 3, "threads": 1},
 }
-NAN_BATCHES = "9,10,23"
+NAN_BATCHES = {9, 10, 23}
 TIMING = ("tokens_per_s",)
 NOT_COMPARED = {"metrics_offset", "checksum"}  # the offset moves with the width of tokens_per_s
 
@@ -98,8 +100,9 @@ def metrics_update(run: Path) -> int:
 
 
 def cli_child(argv: list[str], env: dict[str, str], stderr: str) -> None:
-    """``polycats ARGV`` in a forked child (its exit code is the process's)."""
+    """``polycats ARGV`` in a forked child with the NaN batches (its exit code is the process's)."""
     os.environ.update(env)
+    poison_batches(pytest.MonkeyPatch(), NAN_BATCHES)  # the child's own copy of the trainer class
     descriptor = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(descriptor, 2)
     null = os.open(os.devnull, os.O_WRONLY)
@@ -137,7 +140,7 @@ def reference(processes, tmp_path_factory) -> tuple[Path, float]:
     ready.start()  # so that the timing below does not share the CPUs with it
     ready.join()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(NAN_HOOK, NAN_BATCHES)
+        poison_batches(patch, NAN_BATCHES)
         trainer = Trainer(config, path, progress=False)  # the first Adam imports torch._dynamo
         import torch.utils.tensorboard  # noqa: F401 (preloaded in the children)
 
@@ -163,7 +166,7 @@ class Harness:
         self.config = config_from_dict(CRASH)
         self.config_path = root / "crash.yaml"
         self.config_path.write_text(self.config.to_yaml(), encoding="utf-8")
-        self.env = {NAN_HOOK: NAN_BATCHES, "POLYCATS_CACHE": os.environ["POLYCATS_CACHE"]}
+        self.env = {"POLYCATS_CACHE": os.environ["POLYCATS_CACHE"]}
         self.stderr = root / "stderr.txt"
         self.stops: list[dict] = []
         self.completed: list[Path] = []

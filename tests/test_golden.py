@@ -22,7 +22,9 @@ import torch
 from polycats.balance.task_split import TaskSplit
 from polycats.config import config_from_dict
 from polycats.train.metrics import read_metrics
-from polycats.train.trainer import NAN_HOOK, Trainer
+from polycats.train.trainer import Trainer
+
+from nan_injection import poison_batches
 
 GOLDEN = Path(__file__).parent / "golden" / "runs.json"
 
@@ -100,9 +102,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def train_run(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     sections, mode = RUNS[name]
-    monkeypatch.delenv(NAN_HOOK, raising=False)
     if mode == "nan":
-        monkeypatch.setenv(NAN_HOOK, "2,4")  # a per-task step and a weighted one under update_every 2
+        poison_batches(monkeypatch, {2, 4})  # a per-task step and a weighted one under update_every 2
     if mode == "sub_batches":
         monkeypatch.setattr(TaskSplit, "supports", staticmethod(lambda model, params: False))
     try:

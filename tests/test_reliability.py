@@ -35,9 +35,10 @@ from polycats.run.checkpoint import (
 )
 from polycats.run.directory import RunDir
 from polycats.train.metrics import read_metrics
-from polycats.train.trainer import NAN_HOOK, Trainer, train
+from polycats.train.trainer import Trainer, train
 
 from cli_runner import assert_one_line_error, run_cli, text as cli_text
+from nan_injection import poison_batches
 
 # The data section of tests/test_crash_resume.py: prepared once per session for both.
 TINY = {
@@ -300,7 +301,7 @@ def test_an_early_stopped_run_stays_stopped(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ NaN / inf guard
 
 def test_injected_nan_batches_are_skipped_counted_and_logged(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(NAN_HOOK, "3,4")
+    poison_batches(monkeypatch, {3, 4})
     train(tiny(), tmp_path / "run", progress=False)
     events = read_metrics(tmp_path / "run")
     skipped = [e for e in events if e["event"] == "skipped_update"]
@@ -318,8 +319,8 @@ def test_injected_nan_batches_are_skipped_counted_and_logged(tmp_path, monkeypat
 
 def test_too_many_non_finite_updates_in_a_row_stop_with_the_last_good_state(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "MAX_SKIPPED_IN_A_ROW", 3)
-    monkeypatch.setenv(NAN_HOOK, "4,5,6")
-    with pytest.raises(PolycatsError) as caught:
+    with pytest.MonkeyPatch.context() as nan, pytest.raises(PolycatsError) as caught:
+        poison_batches(nan, {4, 5, 6})
         train(tiny(), tmp_path / "run", progress=False)
     message = one_line(caught.value)
     assert "3 updates in a row" in message and "update 3" in message and "last.pt" in message
@@ -329,7 +330,7 @@ def test_too_many_non_finite_updates_in_a_row_stop_with_the_last_good_state(tmp_
     same(three["model"], saved["model"])  # the skipped batches changed nothing
     same(three["optimizer"], saved["optimizer"])
     assert saved["update"] == 3 and saved["skipped_in_a_row"] == 3
-    monkeypatch.delenv(NAN_HOOK)  # the bad batches are behind it: the same command continues
+    # The bad batches are behind it (and no longer poisoned): the same command continues.
     train(tiny(), tmp_path / "run", progress=False)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["update"] == 12
 
@@ -340,7 +341,7 @@ BALANCERS = [{"name": "cats", "warmup_steps": 0}, {"name": "cats", "warmup_steps
 
 @pytest.mark.parametrize("balancer", BALANCERS, ids=lambda b: "-".join(map(str, b.values())))
 def test_balancers_keep_finite_weights_through_nan_batches(tmp_path, monkeypatch, balancer):
-    monkeypatch.setenv(NAN_HOOK, "2,3,5")
+    poison_batches(monkeypatch, {2, 3, 5})
     trainer = Trainer(tiny(balancer=balancer, train={"max_updates": 5, "log_every": 1}), tmp_path / "run", progress=False)
     trainer.fit()
     assert trainer.update == 5 and trainer.skipped_total == 3

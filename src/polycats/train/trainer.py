@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -52,20 +51,6 @@ from polycats.train.metrics import MetricsLog
 from polycats.version import __version__
 
 MAX_SKIPPED_IN_A_ROW = 20
-NAN_HOOK = "POLYCATS_TEST_NAN_AT"
-
-
-def nan_injection_points() -> set[int]:
-    """Test hook: ``POLYCATS_TEST_NAN_AT=3,4`` makes the loss of the 3rd and 4th training batch of
-    the run NaN (batches are counted from 1 and include skipped ones), so the non-finite guard can
-    be tested end to end, in-process or in a subprocess. Unset in normal use."""
-    raw = os.environ.get(NAN_HOOK, "").strip()
-    try:
-        return {int(part) for part in raw.split(",") if part.strip()}
-    except ValueError:
-        raise PolycatsError(f"{NAN_HOOK}={raw!r}: expected batch numbers such as 3,4") from None
-
-
 def rng_state(device: torch.device | None = None) -> dict:
     """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy,
     and on a CUDA ``device`` that device's generator (dropout and GradDrop draw there)."""
@@ -179,7 +164,6 @@ class Trainer:
         self.run.check_compatible(config)
         atomic_write_text(self.run.config_path, config.to_yaml())
         set_threads(config.train.threads)
-        self.nan_at = nan_injection_points()
         self.data = data or prepare(config.data)
         self.tasks = self.data.tasks
         self.groups = self.data.meta["groups"]
@@ -346,7 +330,7 @@ class Trainer:
             stats.curvature = self.curvature_probe(lambda: sum(self.batch_loss(b) * b.target_tokens for b in sample) / total)
         return stats
 
-    def per_task_backward(self, batch: Batch, poison: bool, step_totals: TaskTotals, curvature: bool) -> TaskStats:
+    def per_task_backward(self, batch: Batch, step_totals: TaskTotals, curvature: bool) -> TaskStats:
         """Per-task gradients of the batch, and the balancer's direction from them left in ``.grad``.
 
         One forward and backward pass over the whole batch with :class:`TaskSplit` (rows sorted
@@ -357,7 +341,7 @@ class Trainer:
         if self.task_split is None:
             def closure(sub: Batch, index: int):
                 def run() -> TaskLoss:
-                    task_sums, task_tokens = self.task_losses(sub, poison, step_totals)
+                    task_sums, task_tokens = self.task_losses(sub, step_totals)
                     task_sum, tokens = task_sums[index], int(task_tokens[index])
                     return TaskLoss(task_sum / batch.target_tokens, mean=float(task_sum.detach()) / tokens, tokens=tokens)
                 return run
@@ -373,19 +357,17 @@ class Trainer:
                                           device=self.params[0].device)
         grads = self.task_grads
         with self.task_split.collect(batch.task, (batch.tgt_out != PAD).sum(dim=1), num_tasks, grads):
-            task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
+            task_sums, task_tokens = self.task_losses(batch, step_totals)
             (task_sums.sum() / batch.target_tokens).backward()
         stats = TaskStats(losses=task_sums.detach() / task_tokens.clamp_min(1), tokens=task_tokens, grads=grads,
                           curvature=probe)
         accumulate_into_grad(self.params, self.balancer.combine(stats))
         return stats
 
-    def task_losses(self, batch: Batch, poison: bool, step_totals: TaskTotals) -> tuple[Tensor, Tensor]:
+    def task_losses(self, batch: Batch, step_totals: TaskTotals) -> tuple[Tensor, Tensor]:
         """Forward pass of the whole batch: each task's training-loss sum ``S_i`` (with graph) and
         target tokens ``n_i``, both ``[K]``; the NLL goes into ``step_totals``."""
         loss, nll = self.model.losses(batch.src, batch.tgt_in, batch.tgt_out, self.config.train.label_smoothing)
-        if poison:
-            loss = loss * math.nan
         row_tokens = (batch.tgt_out != PAD).sum(dim=1)
         step_totals.add(batch.task, nll.sum(dim=1).detach(), row_tokens)
         num_tasks = len(self.tasks)
@@ -396,7 +378,6 @@ class Trainer:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
         batch = batch.to(self.device)
-        poison = self.batches_drawn + 1 in self.nan_at  # the NaN test hook (POLYCATS_TEST_NAN_AT)
         plan = self.balancer.plan(self.update)
         if plan.validation:
             self.balancer.observe_validation(self.validation_stats(plan.curvature))
@@ -404,10 +385,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_totals = TaskTotals(len(self.tasks))
         if plan.task_gradients:
-            stats = self.per_task_backward(batch, poison, step_totals, plan.curvature)
+            stats = self.per_task_backward(batch, step_totals, plan.curvature)
             loss_finite = bool(torch.isfinite(stats.losses).all())
         else:
-            task_sums, task_tokens = self.task_losses(batch, poison, step_totals)
+            task_sums, task_tokens = self.task_losses(batch, step_totals)
             total = (self.balancer.loss_weights().to(task_sums) * task_sums).sum() / batch.target_tokens
             loss_finite = bool(torch.isfinite(total))
             if loss_finite:
