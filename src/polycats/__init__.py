@@ -14,16 +14,15 @@ from importlib import import_module
 from polycats.version import __version__
 
 # Exports load on first use, so `polycats --help` and config errors do not wait for torch.
+# The library API is polycats.balance and polycats.diagnostics; these are its most used names.
 _EXPORTS = {
-    "Balancer": "polycats.balance.base",
-    "TaskStats": "polycats.balance.base",
-    "CATS": "polycats.balance.cats",
-    "CatsConfig": "polycats.balance.cats",
-    "ScalarBalancer": "polycats.balance.scalar",
-    "TaskLoss": "polycats.balance.task_gradients",
-    "TaskSplit": "polycats.balance.task_split",
-    "backward_per_task": "polycats.balance.task_gradients",
-    "per_task_gradients": "polycats.balance.task_gradients",
+    **{name: "polycats.balance" for name in (
+        "Balancer", "BalancerContext", "CATS", "CatsConfig", "ChiSquareDRO", "GradVac", "ScalarBalancer", "StepPlan",
+        "TaskLoss", "TaskSplit", "TaskStats", "TorchJDBalancer", "backward_per_task", "per_task_gradients",
+    )},
+    **{name: "polycats.diagnostics" for name in (
+        "gradient_similarity", "hessian_operator", "top_eigenvalue", "curvature_report",
+    )},
 }
 __all__ = sorted(_EXPORTS)
 
