@@ -1,56 +1,13 @@
 """χ²-DRO over languages (Zhou, Levy, Li, Ghazvininejad & Neubig, 2021, "Distributionally Robust
-Multilingual Machine Translation"); the reference for readers is ``docs/peers.md``.
+Multilingual Machine Translation"); the math, the schedule and what is logged: ``docs/peers.md``.
 
-Instead of the expected loss under the sampling distribution ``p`` (temperature sampling), train
-on the worst case over task distributions ``q`` close to ``p``::
+Train on the worst case over task distributions ``q`` within a χ² ball of radius ``rho`` around
+the sampling distribution ``p``, against an EMA of each task's mean training loss: a
+loss-weighting balancer with weights ``w_i = q_i / p_i``, updated from :meth:`observe_losses`.
+:func:`chi2_worst_case` solves the inner problem exactly.
 
-    max_q  Σ_i q_i L̂_i    s.t.   q ∈ simplex,   D_χ²(q ‖ p) = Σ_i (q_i − p_i)² / p_i <= ρ
-
-with ``L̂_i`` an exponential moving average (decay ``ema_decay``, started at the first value) of
-task ``i``'s mean training loss. The batches keep coming from ``p``; the trainer scales task
-``i``'s loss by the importance ratio ``w_i = q_i / p_i``, so the expected training loss
-``Σ_i p_i w_i L_i`` is the ``q``-weighted loss. This is a **loss-weighting** balancer
-(its plan never asks for per-task gradients): one ordinary backward pass per step.
-
-Exact solution (:func:`chi2_worst_case`)
-----------------------------------------
-The problem is a linear objective over a convex set with ``p`` strictly inside (Slater), so KKT
-is sufficient. Stationarity gives ``q_i = p_i (L_i − c)_+ / λ`` with ``λ = Σ_j p_j (L_j − c)_+``
-(so ``Σ q = 1``) and the shift ``c`` set by the active χ² constraint,
-``f(c) = E_p[(L − c)_+²] / E_p[(L − c)_+]² = 1 + ρ``. ``f`` is non-decreasing in ``c`` (its
-derivative is ``2(bπ − a²)/a³ >= 0`` by Cauchy–Schwarz, with ``a, b`` the first and second
-moments of ``(L − c)_+`` and ``π = P_p(L > c)``), so:
-
-* if no task is clipped, ``c = E_p L − sqrt(Var_p L / ρ)`` in closed form and
-  ``q_i = p_i (1 + sqrt(ρ / Var_p L) (L_i − E_p L))``;
-* if ``1 + ρ >= 1 / p(argmax L)`` the ball reaches the vertex: ``q`` is ``p`` restricted to the
-  tasks of largest loss (renormalised), and the constraint may be slack;
-* otherwise ``c`` is found by bisection on ``[min L, max L]`` to machine precision.
-
-Equal losses give ``q = p``. Tasks with ``p_i = 0`` get ``q_i = 0`` and weight 0 (they are never
-sampled). Zhou et al. solve the same inner problem (iterated best response); the defaults here
-(``rho = 0.1``, ``ema_decay = 0.9``, update every step) are ours, not the paper's tuned values.
-
-Schedule and protocol
----------------------
-The trainer calls :meth:`ChiSquareDRO.observe_losses` after each step's backward pass with the
-step's per-task mean losses ``[K]`` and target tokens ``[K]`` (``tokens == 0``: absent, not
-folded in). On observation ``t`` (0-based) with ``t >= warmup_steps`` and ``(t − warmup_steps)
-% update_every == 0``, ``q`` is recomputed from the EMA, so the *next* step's
-``loss_weights()`` use it. Until every task with ``p_i > 0`` has been seen once, ``q = p``
-(``w = 1``). Non-finite losses are not folded in (counted in ``dro/skipped_nonfinite``).
-``combine(stats)`` (library use through ``backward_per_task``) applies ``wᵀ G`` and then
-observes ``stats.losses``.
-
-Observability: ``weight/<task>`` (``w_i = q_i / p_i``), ``dro_q/<task>``, ``dro_loss/<task>``
-(the EMA, tasks seen so far), ``dro/chi2`` (``D_χ²(q ‖ p)``, at most ``rho``),
-``dro/worst_case_loss`` (``Σ q_i L̂_i``), ``dro/expected_loss`` (``Σ p_i L̂_i``), ``dro/updates``,
-``dro/skipped_nonfinite``.
-
-Example
--------
 >>> import torch
->>> from polycats.balance.dro import ChiSquareDRO
+>>> from polycats.balance import ChiSquareDRO
 >>> dro = ChiSquareDRO(["de-en", "sw-en"], [0.8, 0.2], rho=0.1)
 >>> dro.observe_losses(torch.tensor([2.0, 4.0]), torch.tensor([800.0, 200.0]))
 >>> [round(float(w), 3) for w in dro.loss_weights()]   # the LoRes task's loss is up-weighted

@@ -1,61 +1,13 @@
-"""GradVac — Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021, "Gradient Vaccine:
-Investigating and Improving Multi-task Optimization in Massively Multilingual Models"); the
-reference for readers is ``docs/peers.md``.
+"""GradVac — Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021); the update rule, the
+groups and what is logged: ``docs/peers.md``.
 
-PCGrad only acts when two task gradients conflict (cosine < 0). GradVac sets an adaptive
-*target* similarity per ordered task pair and parameter group, an exponential moving average
-``φ̂_ij`` of the cosines it has seen, and pulls ``g_i`` towards ``g_j`` whenever their cosine is
-below that target — the paper's observation is that languages that are close have gradients
-with a persistent positive similarity worth keeping, not only "not negative".
+Per ordered task pair (and parameter group) an EMA target ``φ̂_ij`` of their cosine; whenever
+``cos(g_i', g_j)`` is below it, ``g_i'`` is moved towards ``g_j`` until it is equal; the direction
+is ``Σ_i g_i'``. Computed from each group's Gram matrix; ``grouping="per_tensor"`` needs the
+parameter layout, which the trainer hands over in :meth:`GradVac.bind`.
 
-The update rule (the paper's Algorithm 1), per parameter group, on one training step::
-
-    for each task i:                       g_i' = g_i
-        for each j != i, in random order:
-            φ_ij = cos(g_i', g_j)
-            if φ_ij < φ̂_ij:
-                g_i' = g_i' + ‖g_i'‖ (φ̂_ij √(1 − φ_ij²) − φ_ij √(1 − φ̂_ij²)) / (‖g_j‖ √(1 − φ̂_ij²)) · g_j
-            φ̂_ij = (1 − β) φ̂_ij + β φ_ij       (with the φ_ij before the correction)
-    direction = Σ_i g_i'
-
-The correction is the one that makes ``cos(g_i', g_j) = φ̂_ij`` exactly (the component of
-``g_i'`` orthogonal to ``g_j`` is kept, the parallel one is set to the target angle). Targets
-start at 0, so the first corrections are PCGrad's. ``eps`` (default 1e-8) is added to both
-denominators, as in torchjd. The order of ``j`` is drawn with ``torch.randperm`` (torch's global
-RNG, which the trainer checkpoints), one permutation per task ``i`` and group, in the same
-sequence as torchjd's ``GradVac``, so with one group and the same seed the two agree.
-
-Everything is computed from the ``[m, m]`` Gram matrix of each group (float64, CPU):
-``g_i' = Σ_k C_ik g_k`` with ``C`` starting at the identity, so a correction is ``C_ij += w``
-and the direction is ``(1ᵀ C) G`` per group.
-
-Parameter groups (``grouping``): ``whole_model`` (default, one group) or ``per_tensor`` (each
-parameter tensor its own group: the paper's finest "all matrices" granularity). Per-tensor
-groups need to know where each tensor sits in the flat gradient: the trainer hands the model's
-trainable named parameters (in the order of the flat gradient) to :meth:`GradVac.bind`; a
-library user calls :meth:`GradVac.set_parameters` or sets ``gradvac.groups`` to a list of
-``slice`` objects that partition ``[0, P)``.
-
-``task_gradient`` is as for the torchjd peers: ``"contribution"`` rows ``∇(S_i/N)`` or
-``"mean_loss"`` rows ``∇L_i = (N/n_i) ∇(S_i/N)``. GradVac is equivariant to the scale of each row
-(``g_i'`` scales with ``g_i``, and does not depend on the scale of ``g_j``), so ``mean_loss`` is
-``contribution`` followed by the loss weights ``N/n_i``.
-
-Absent tasks (``tokens == 0``) take no part; their targets are kept. State (``state_dict``): the
-targets ``φ̂`` ``[groups, K, K]`` and counters.
-
-Observability: ``weight/<task>`` (effective weight on ``g_i``; exact for one group, the
-least-squares fit over the whole gradient for several, with ``peer/fit_residual``), the
-``peer/*`` pair statistics of the torchjd peers (over the whole gradient),
-``gradvac/corrections`` (corrections made on the last step, over pairs and groups),
-``gradvac/corrections_total``, ``gradvac/target_mean`` and ``gradvac/target_min`` (``φ̂`` over
-ordered pairs of present tasks and groups), ``gradvac/groups``.
-
-Example
--------
 >>> import torch
->>> from polycats.balance.base import BalancerContext, StepPlan, TaskStats
->>> from polycats.balance.gradvac import GradVac
+>>> from polycats.balance import GradVac, TaskStats
 >>> gradvac = GradVac(["de-en", "sw-en"], beta=0.5)
 >>> grads = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])        # cos = -0.71 < target 0
 >>> d = gradvac.combine(TaskStats(torch.ones(2), torch.ones(2), grads))

@@ -1,29 +1,14 @@
-"""Per-task gradients from one forward and one backward pass over a whole batch.
+"""Per-task gradients ``G`` ``[K, P]`` from one forward and one backward pass over a whole batch.
 
-The sentences of a batch do not interact: every activation row, and the gradient flowing back into
-it, belongs to exactly one sentence and so to one task. A parameter's gradient is a sum over rows
-(``δᵀ x`` for a linear layer, ``Σ δ`` for a bias, ``Σ δ ⊙ x̂`` for a LayerNorm scale, a scatter
-of ``δ`` for an embedding), and task ``i``'s gradient ``g_i`` is the same sum over task ``i``'s
-rows only. So instead of one forward and backward pass per task sub-batch
-(:func:`polycats.balance.task_gradients.per_task_gradients`), :class:`TaskSplit` runs the batch
-once with the parameters' ``requires_grad`` switched off — autograd then propagates only the
-activation gradients — and module hooks compute each parameter's per-task sums from the layer
-inputs and the output gradients, writing them into the rows of ``G`` ``[K, P]``. The floating-point
-operations are those of one ordinary backward pass (the weight-gradient products are cut into
-``K`` row blocks); what it saves is the fixed cost of every extra pass, which a task with one or
-two sentences in the batch pays in full (about 25 ms per pass for the demo model on 2 cores).
-Measured (``docs/performance.md``): CATS with α updated every step costs 1.08x the scalar
-balancer at K = 2 and 4, 1.21x at K = 16 (one pass per task: 1.08x → 1.66x). What remains is the
-weight-gradient products cut into ``K`` blocks, the per-task bias and LayerNorm sums, the Python
-hooks (about 20 ms of a 220 ms demo forward and backward) and the ``K x P`` Gram matrix and
-direction (about 3 ms, :func:`polycats.balance.task_gradients.gram_matrix`).
-
-Supported parameters: those of ``nn.Linear``, ``nn.LayerNorm`` (with affine weight and bias) and
-``nn.Embedding`` modules, and weights passed to a :class:`TiedProjection` (our output projection
-tied to the embeddings). Activations are ``[rows, positions, features]`` with the batch's rows
-sorted by task, or ``[tokens, features]`` (the output projection at target tokens) with the
-tokens of those rows in order. :meth:`TaskSplit.supports` tells whether a model qualifies; the
-trainer falls back to sub-batches otherwise.
+The sentences of a batch do not interact, so a parameter's gradient is a sum over activation rows
+and task ``i``'s gradient is the same sum over its own rows. :class:`TaskSplit` runs the batch
+once with the parameters' ``requires_grad`` off and module hooks write each parameter's per-task
+sums into the rows of ``G``: the floating-point work of one ordinary backward pass, without the
+fixed cost of one pass per task (costs: ``docs/performance.md``). Supported: ``nn.Linear``,
+``nn.LayerNorm`` (affine), ``nn.Embedding`` and weights passed to a :class:`TiedProjection`;
+activations ``[rows, positions, features]`` with rows sorted by task, or ``[tokens, features]``.
+:meth:`TaskSplit.supports` says whether a model qualifies; the trainer falls back to one pass
+per task sub-batch (:func:`polycats.balance.task_gradients.per_task_gradients`) otherwise.
 """
 
 from __future__ import annotations

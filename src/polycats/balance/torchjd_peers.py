@@ -1,84 +1,14 @@
-"""Gradient-combination peers through torchjd (pinned: ``torchjd==0.18.0``); the reference for
-readers is ``docs/peers.md``.
+"""Gradient-combination peers through torchjd (pinned: ``torchjd==0.18.0``): PCGrad, MGDA, CAGrad,
+NashMTL, UPGrad, GradDrop, IMTL-G and Aligned-MTL; what each does, the row scales
+(``task_gradient``), state and what is logged: ``docs/peers.md``.
 
-One generic balancer, :class:`TorchJDBalancer`, wraps a torchjd aggregator. It receives the
-per-task gradients of the shared path (:mod:`polycats.balance.task_gradients`: one row
-``g_i = ∇(S_i / N)`` per task, so ``Σ_i g_i`` is the usual gradient), hands the rows of the
-tasks *present* in the batch (``tokens > 0``) to the aggregator and returns the ``[P]``
-direction. Absent tasks are left out, not fed as zero rows (a zero row changes MGDA's min-norm
-point, UPGrad's dual cone and NashMTL's bargaining problem).
+:class:`TorchJDBalancer` wraps one torchjd aggregator, built per set of tasks *present* in the
+batch (absent tasks are left out, never fed as zero rows). It hands their rows of ``G`` to the
+aggregator and returns the ``[P]`` direction; non-finite rows give the plain sum (or NaN), so the
+trainer skips the step.
 
-Methods (``balancer.name``; options in the config classes below, all under ``balancer.*``):
-
-============  ===========================  ==================================================
-name          torchjd aggregator           reference
-============  ===========================  ==================================================
-pcgrad        ``PCGrad()``                 Yu et al. 2020, "Gradient Surgery for MTL"
-mgda          ``MGDA(epsilon, max_iters)`` Sener & Koltun 2018 (Frank–Wolfe, min-norm point)
-cagrad        ``CAGrad(c, norm_eps)``      Liu et al. 2021, "Conflict-Averse Gradient Descent"
-nashmtl       ``NashMTL(...)``             Navon et al. 2022, "MTL as a Bargaining Game"
-upgrad        ``UPGrad(pref, projector)``  Quinton & Rey 2024, "Jacobian Descent"
-graddrop      ``GradDrop(leak=...)``       Chen et al. 2020, "Just Pick a Sign"
-imtlg         ``IMTLG()``                  Liu et al. 2021, "Towards Impartial MTL"
-alignedmtl    ``AlignedMTL(pref, mode)``   Senushkin et al. 2023, "Independent Component Alignment"
-============  ===========================  ==================================================
-
-GradVac is :mod:`polycats.balance.gradvac` (ours: per parameter group, state in the checkpoint).
-
-How the aggregator is called
-----------------------------
-Every method above except GradDrop is a torchjd ``WeightedAggregator``: its output is
-``wᵀ G`` with weights ``w = weighting(G)``. For the Gramian-based ones (all but NashMTL and
-GradDrop) ``weighting(G) = gramian_weighting(G Gᵀ)``; the balancer computes ``G Gᵀ`` once (in
-float64 on the CPU), calls ``aggregator.gramian_weighting`` on it and forms ``wᵀ G`` itself —
-exactly what ``aggregator(G)`` does, with the weights in hand for logging. NashMTL gets the
-matrix (``aggregator.weighting(G)``); GradDrop (not a weighted aggregator: it masks coordinates)
-is called as ``aggregator(G)`` and its effective weights are a least-squares fit.
-
-``task_gradient`` chooses the rows: ``"contribution"`` (default) passes ``g_i = ∇(S_i / N)``
-as computed, so the sampler's mix stays in force (a task with twice the tokens has twice the
-gradient); ``"mean_loss"`` passes ``∇L_i = (N / n_i) g_i``, the gradient of each task's mean
-token loss, as in the multi-task papers (every present task counts the same; the sampler only
-decides which data is seen). MGDA, UPGrad, CAGrad, NashMTL, AlignedMTL and GradDrop (its sign
-purity) depend on the row scales; PCGrad and GradVac transform each row in proportion to its own
-scale, so for them ``mean_loss`` is ``contribution`` followed by the loss weights ``N / n_i``;
-for IMTL-G it changes only the overall scale.
-
-The direction's scale is torchjd's: MGDA, CAGrad, UPGrad, IMTL-G and AlignedMTL give weights
-that sum to about 1 (a mean-like step), PCGrad, GradDrop and GradVac about ``K`` (a sum-like step,
-like the plain sum ``Σ g_i``). Adam and gradient clipping make this matter little; compare runs
-with the same optimiser settings.
-
-Subsets and state
------------------
-An aggregator is built per set of present tasks (cached), so methods with a task count (NashMTL)
-or a per-task vector (UPGrad/AlignedMTL preference, GradDrop leak) always see the rows they were
-built for. ``preference`` (UPGrad, AlignedMTL) is given per task and renormalised to sum 1 over
-the present tasks; without it torchjd's default is the mean. NashMTL is the only stateful one
-(warm start ``prvs_alpha``, step counter, normalisation); its state per subset goes into
-``state_dict`` (torchjd private attributes, pinned version), so resume is exact. PCGrad and
-GradDrop draw from torch's global RNG (``randperm`` / ``rand``), which the trainer checkpoints.
-
-If a present row is not finite, the aggregator is skipped and the plain sum is returned (the
-trainer then skips the step on its non-finite norm); counted as ``peer/skipped_nonfinite``. So
-are finite rows whose Gram matrix overflows, and weights a solver returns non-finite: the
-direction is NaN (the trainer skips) and the logged weights stay those of the last good step.
-
-Observability
--------------
-``log_values()`` (last step unless noted): ``weight/<task>`` — the effective weight ``w_i`` on
-``g_i`` (the ``"contribution"`` row, whatever ``task_gradient`` is, so 1 everywhere is the plain
-sum; present tasks only), ``peer/tasks`` (present tasks), ``peer/conflicts`` (pairs with
-``g_i·g_j < 0``), ``peer/pairs``, ``peer/cos_min`` and ``peer/cos_mean`` (pairwise cosines),
-``peer/norm_ratio`` (``‖d‖ / ‖Σ g_i‖``), ``peer/conflicts_total`` and ``peer/pairs_total``
-(cumulative), ``peer/steps``, ``peer/skipped_nonfinite``, and for GradDrop ``peer/fit_residual``
-(``‖d − wᵀG‖ / ‖d‖`` of the least-squares weights).
-
-Example
--------
 >>> import torch
->>> from polycats.balance.base import BalancerContext, StepPlan, TaskStats
->>> from polycats.balance.torchjd_peers import MGDAConfig, TorchJDBalancer
+>>> from polycats.balance import MGDAConfig, TaskStats, TorchJDBalancer
 >>> mgda = TorchJDBalancer(["de-en", "sw-en"], MGDAConfig())
 >>> grads = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
 >>> d = mgda.combine(TaskStats(torch.ones(2), torch.tensor([5.0, 5.0]), grads))
