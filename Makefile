@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# docs/results.md from every experiment grid under runs/experiments (polycats experiment ... --out runs/experiments/NAME).
+results: $(STAMP)
+	$(BIN)/polycats report runs/experiments/*/ --out runs/report --results docs/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -80,19 +80,3 @@ def test_periodic_diagnostics_are_logged_without_changing_training(tmp_path):
     assert all("cosine/HiRes-LoRes" in e and "lambda_max/combined" in e for e in events)
     strip = lambda run: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in read_metrics(run) if e["event"] != "diagnostics"]  # noqa: E731
     assert strip(plain) == strip(logged)
-
-
-def test_report_tables_come_from_the_run_directories(tiny_run, tmp_path):
-    from polycats.evaluate.run import evaluate_run
-    from polycats.report.report import build_report
-
-    evaluation = evaluate_run(tiny_run, "test")
-    analyze_run(tiny_run, settings=DiagnosticSettings(sentences=4, tol=1e-2, max_iter=30))
-    path = build_report([tiny_run, tiny_run], tmp_path / "report")
-    text = path.read_text()
-    all_bleu = f"{evaluation['groups']['All']['bleu']:.1f}"
-    assert f"| {tiny_run.name} | " in text and all_bleu in text
-    assert evaluation["sacrebleu_signature"] in text
-    assert "combined λ_max lower at 0 of 2 checkpoints" in text  # a run never beats itself
-    page = (tmp_path / "report" / "report.html").read_text()
-    assert "data:image/png;base64," in page and "<table>" in page

@@ -7,6 +7,7 @@ SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -199,13 +200,18 @@ def analyze(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories; the first is the baseline of paired comparisons")],
+    paths: Annotated[list[Path], typer.Argument(help="experiment directories (index.json), folders of run directories, or run directories")],
     out: Annotated[Path, typer.Option("--out", help="where report.md, report.html and the figures go")],
+    results: Annotated[Optional[Path], typer.Option("--results", help="also write this Markdown page (e.g. docs/results.md), figures in a folder beside it")] = None,
 ) -> None:
-    """Tables (group BLEU/chrF, diagnostics over training) and figures over finished runs."""
+    """Tables (BLEU/chrF ± 95% CI, claims), curves, diagnostics and examples over runs and grids."""
     from polycats.report.report import build_report
 
-    console.print(f"written: {build_report(run_dirs, out)} (+ report.html, figures)")
+    require_writable(out, "--out")
+    if results is not None:
+        require_writable(results.parent, "--results")
+    command = "polycats report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["report"] else None
+    console.print(f"written: {build_report(paths, out, command=command, results=results)} (+ report.html, figures)")
 
 
 @app.command()

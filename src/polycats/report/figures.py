@@ -85,3 +85,19 @@ def alpha_curves(events: list[dict], path: Path, title: str = "CATS") -> None:
     right.set_xlabel("update")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def setting_deltas(deltas: dict[str, tuple[float, float | None]], path: Path) -> None:
+    """Paper Fig 8/9: per grid, CATS − best temperature on LoRes BLEU and CATS − T=1 on HiRes BLEU
+    (``deltas``: grid -> (LoRes difference, HiRes difference or None))."""
+    names = list(deltas)
+    xs = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.2), constrained_layout=True)
+    ax.bar(xs - 0.2, [deltas[n][0] for n in names], width=0.4, label="LoRes: CATS − best T")
+    ax.bar(xs + 0.2, [deltas[n][1] or 0.0 for n in names], width=0.4, label="HiRes: CATS − T=1")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("BLEU difference")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

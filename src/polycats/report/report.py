@@ -1,134 +1,503 @@
-"""``polycats report RUN_DIR... --out REPORT_DIR``: one Markdown + self-contained HTML page over
-finished runs — group BLEU/chrF (eval/test.json), NLL curves (metrics.jsonl), the diagnostics of
-``polycats analyze`` over training, CATS α/λ — with the PNG figures next to it.
+"""``polycats report PATH... --out DIR``: one Markdown page (and a self-contained HTML copy) over
+experiment grids, directories of runs, or single runs.
 
-Every number comes from the run directories; the page names them and the sacreBLEU signature.
+Per grid: the Table 1 analogue (group BLEU/chrF, mean ± 95% CI over seeds), NLL curves per group
+and method, diagnostics over training (top eigenvalue, HiRes–LoRes cosine), CATS α/λ and example
+translations. Across grids: gradient similarity by direction, the batch/size settings, and the
+claims table. Every number is read from the run directories.
+
+>>> from pathlib import Path
+>>> from polycats.report.report import build_report
+>>> build_report([Path("runs/experiments/ted_like")], Path("runs/report"))  # doctest: +SKIP
+PosixPath('runs/report/report.md')
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
+import random
 import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from markdown_it import MarkdownIt
+
+from polycats.config import config_from_dict
+from polycats.data.prepare import prepare
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_text
-from polycats.report.figures import alpha_curves, nll_curves, training_curves
+from polycats.report.figures import alpha_curves, nll_curves, setting_deltas, training_curves
+from polycats.report.stats import Difference, mean_ci, verdict, welch_difference
 from polycats.train.metrics import read_metrics
 
 GROUPS = ("LoRes", "MidRes", "HiRes", "All")
+TEMPERATURE = re.compile(r"^T=\d+(\.\d+)?$")
+# Grids that test a robustness claim: the LoRes gain must survive the changed setting.
+ROBUSTNESS = {"batch4x": "robust to a 4x batch (Fig 8)", "overparam": "robust to overparameterisation (Fig 9)"}
+NON_INFERIORITY_BLEU = 0.5  # "not hurt" / "as good as": at most this many BLEU below, with 95% confidence
+EXAMPLES_PER_GROUP = 3
 
 
-def fmt(value, digits: int = 1) -> str:
+@dataclass
+class Run:
+    name: str
+    path: Path
+    method: str
+    seed: int
+    config: dict
+    commit: str | None = None
+    status: str = "finished"
+    wall_s: float | None = None
+    metrics: list[dict] = field(default_factory=list)
+    test: dict | None = None
+    diagnostics: list[dict] = field(default_factory=list)  # {"update", "lambda_max/...", "cosine/HiRes-LoRes"}
+
+    def score(self, group: str, metric: str = "bleu") -> float | None:
+        return ((self.test or {}).get("groups", {}).get(group) or {}).get(metric)
+
+    @property
+    def devices(self) -> set[str]:
+        return {e["device"] for e in self.metrics if e.get("event") == "start" and "device" in e}
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    runs: list[Run]
+    pending: int = 0  # runs of the grid's index without a run directory yet
+
+    def by_method(self) -> dict[str, list[Run]]:
+        """Evaluated runs per method, in the grid's order, seeds ascending."""
+        methods: dict[str, list[Run]] = {}
+        for run in self.runs:
+            if run.test:
+                methods.setdefault(run.method, []).append(run)
+        return {m: sorted(runs, key=lambda r: r.seed) for m, runs in methods.items()}
+
+    def scores(self, method: str, group: str, metric: str = "bleu") -> list[float]:
+        runs = self.by_method().get(method, [])
+        return [s for s in (r.score(group, metric) for r in runs) if s is not None]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+
+def method_of(config: dict) -> str:
+    """A method name for a run that was not started by ``polycats experiment``, from its config."""
+    balancer, sampling = config["balancer"], config["sampling"]
+    if balancer["name"] == "scalar":
+        return "two-stage" if sampling.get("first_stage_updates") else f"T={sampling['temperature']:g}"
+    if balancer["name"] == "cats":
+        return "CATS-loss" if balancer.get("objective") == "loss" else "CATS"
+    return balancer["name"]
+
+
+def load_run(path: Path, record: dict | None = None) -> Run:
+    if not (path / "config.yaml").is_file():
+        raise PolycatsError(f"{path} is not a run directory (no config.yaml)")
+    record = record or (json.loads((path / "experiment.json").read_text()) if (path / "experiment.json").is_file() else {})
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    run = Run(name=path.name, path=path, method=record.get("method") or method_of(config),
+              seed=int(record.get("seed", config["train"]["seed"])), config=config, commit=record.get("commit"),
+              status=record.get("status", "finished"), wall_s=record.get("wall_s"))
+    if (path / "metrics.jsonl").is_file():
+        run.metrics = read_metrics(path)
+    if (path / "eval" / "test.json").is_file():
+        run.test = json.loads((path / "eval" / "test.json").read_text())
+    analysis = path / "analysis" / "summary.json"
+    if analysis.is_file():
+        run.diagnostics = json.loads(analysis.read_text())["checkpoints"]
+    else:
+        run.diagnostics = [e for e in run.metrics if e.get("event") == "diagnostics"]
+    return run
+
+
+def collect(paths: list[Path]) -> list[Grid]:
+    """Grids from experiment directories (``index.json``), directories holding run directories
+    (directly or under ``runs/``), and single run directories (gathered into one grid ``runs``)."""
+    grids, singles = [], []
+    for path in map(Path, paths):
+        if (path / "index.json").is_file():
+            index = json.loads((path / "index.json").read_text())
+            runs, pending = [], 0
+            for name, record in index["runs"].items():
+                if (path / "runs" / name / "config.yaml").is_file():
+                    runs.append(load_run(path / "runs" / name, record))
+                else:
+                    pending += 1
+            grids.append(Grid(index["grid"]["name"], path, runs, pending))
+        elif (path / "config.yaml").is_file():
+            singles.append(load_run(path))
+        elif path.is_dir():
+            folder = path / "runs" if (path / "runs").is_dir() else path
+            found = sorted(p for p in folder.iterdir() if (p / "config.yaml").is_file())
+            if not found:
+                raise PolycatsError(f"{path}: no run directories in it (no */config.yaml, no index.json); "
+                                    "give an experiment directory, a folder of runs, or run directories")
+            grids.append(Grid(path.name, path, [load_run(p) for p in found]))
+        else:
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise PolycatsError(f"{path} {problem}; give an experiment directory, a folder of runs, or run directories")
+    if singles:
+        grids.append(Grid("runs", singles[0].path.parent, singles))
+    return grids
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ci(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "—"
+    summary = mean_ci(values)
+    if summary.low is None:
+        return fmt(summary.mean, digits)
+    return f"{summary.mean:.{digits}f} ± {summary.high - summary.mean:.{digits}f}"
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def load_run(path: Path) -> dict:
-    if not (path / "config.yaml").exists():
-        raise PolycatsError(f"{path} is not a run directory (no config.yaml)")
-    run = {"name": path.name, "path": path, "metrics": read_metrics(path) if (path / "metrics.jsonl").exists() else []}
-    evaluation = path / "eval" / "test.json"
-    run["eval"] = json.loads(evaluation.read_text()) if evaluation.exists() else None
-    analysis = path / "analysis" / "summary.json"
-    run["analysis"] = json.loads(analysis.read_text())["checkpoints"] if analysis.exists() else None
-    return run
+def mean_events(runs: list[Run], event: str, keys: list[str]) -> list[dict]:
+    """``event`` records averaged over seeds at each update where every run has the key."""
+    points: dict[int, dict[str, list[float]]] = {}
+    for run in runs:
+        for e in run.metrics if event != "diagnostics" else run.diagnostics:
+            if event == "diagnostics" or e.get("event") == event:
+                for key in keys:
+                    if e.get(key) is not None:
+                        points.setdefault(e["update"], {}).setdefault(key, []).append(e[key])
+    return [{"event": event, "update": u, **{k: sum(v) / len(v) for k, v in values.items() if len(v) == len(runs)}}
+            for u, values in sorted(points.items())]
 
 
-def bleu_section(runs: list[dict]) -> list[str]:
-    evaluated = [r for r in runs if r["eval"]]
-    if not evaluated:
-        return []
-    header = ["run", *[f"{g} BLEU" for g in GROUPS], *[f"{g} chrF" for g in GROUPS]]
-    rows = [[r["name"], *[fmt((r["eval"]["groups"].get(g) or {}).get("bleu")) for g in GROUPS],
-             *[fmt((r["eval"]["groups"].get(g) or {}).get("chrf")) for g in GROUPS]] for r in evaluated]
-    first = evaluated[0]["eval"]
-    return ["## Test BLEU / chrF by group", "", markdown_table(header, rows), "",
-            f"Groups by training pairs: {json.dumps(first.get('thresholds'))}. "
-            f"sacreBLEU: `{first['sacrebleu_signature']}`.", ""]
+# --- sections of one grid ---------------------------------------------------------------------
 
-
-def diagnostics_section(runs: list[dict]) -> list[str]:
-    analysed = [r for r in runs if r["analysis"]]
-    if not analysed:
-        return []
-    keys = ["lambda_max/HiRes", "lambda_max/LoRes", "lambda_max/combined", "cosine/HiRes-LoRes"]
-    rows = []
-    for r in analysed:
-        for point in r["analysis"]:
-            rows.append([r["name"], str(point["update"]), *[fmt(point.get(k), 3) for k in keys]])
-    lines = ["## Diagnostics over training (`polycats analyze`)", "",
-             "λ_max: largest algebraic eigenvalue of the Hessian of the mean token NLL on fixed training "
-             "batches; combined: the loss the run optimises (sampling × balancer weights).", "",
-             markdown_table(["run", "update", *keys], rows), ""]
-    # Paired comparison at equal updates against the first analysed run (the baseline).
-    base = {p["update"]: p for p in analysed[0]["analysis"]}
-    for r in analysed[1:]:
-        shared = [p for p in r["analysis"] if p["update"] in base and p.get("lambda_max/combined") is not None]
-        if shared:
-            lower = sum(p["lambda_max/combined"] < base[p["update"]]["lambda_max/combined"] for p in shared)
-            lines += [f"- {r['name']} vs {analysed[0]['name']}: combined λ_max lower at {lower} of {len(shared)} "
-                      "checkpoints at equal updates.", ""]
+def overview_section(grid: Grid) -> list[str]:
+    finished = [r for r in grid.runs if r.test]
+    lines = [f"## Grid `{grid.name}`", "", f"From `{grid.path}`: {len(finished)} of {len(grid.runs) + grid.pending} runs "
+             "trained and evaluated."]
+    if not grid.runs:
+        return lines + [""]
+    commits: dict[str, int] = {}
+    for run in grid.runs:
+        commits[run.commit or "unrecorded"] = commits.get(run.commit or "unrecorded", 0) + 1
+    config = grid.runs[0].config
+    data, model, train = config["data"], config["model"], config["train"]
+    devices = sorted(set().union(*(r.devices for r in grid.runs)))
+    walls = [r.wall_s for r in finished if r.wall_s]
+    lines += [
+        "",
+        f"- Commit: {', '.join(f'`{c[:12]}` ({n} runs)' for c, n in commits.items())}; device: {', '.join(devices) or '—'}"
+        + (f"; wall time per run {min(walls) / 60:.1f}–{max(walls) / 60:.1f} min (train + evaluate)" if walls else ""),
+        f"- Data: {data['source']} {data['direction']}, training pairs {json.dumps(data['languages'])}.",
+        f"- Budget: {train['max_updates']} updates of ≤{train['max_tokens']} tokens, lr {train['lr']:g}, warm-up "
+        f"{train['warmup_updates']}; model d_model {model['d_model']}, {model['encoder_layers']}+{model['decoder_layers']} "
+        f"layers, FFN {model['ffn_dim']}.",
+        "",
+    ]
     return lines
 
 
-def build_report(run_dirs: list[Path], out: Path) -> Path:
-    runs = [load_run(Path(p)) for p in run_dirs]
-    if not runs:
-        raise PolycatsError("give at least one run directory")
+def scores_section(grid: Grid) -> list[str]:
+    methods = grid.by_method()
+    if not methods:
+        return []
+    groups = [g for g in GROUPS if any(grid.scores(m, g) for m in methods)]
+    header = ["method", "seeds", *[f"{g} BLEU" for g in groups], *[f"{g} chrF" for g in groups]]
+    rows = [[method, str(len(runs)), *[fmt_ci(grid.scores(method, g)) for g in groups],
+             *[fmt_ci(grid.scores(method, g, "chrf")) for g in groups]] for method, runs in methods.items()]
+    first = next(iter(methods.values()))[0].test
+    return [f"### Test BLEU and chrF by group (Table 1 analogue)", "", markdown_table(header, rows), "",
+            "Mean over seeds ± the half-width of its 95% Student-t interval (no interval with one seed). "
+            f"Groups by training pairs: `{json.dumps(first.get('thresholds'))}`. "
+            f"sacreBLEU: `{first['sacrebleu_signature']}`; chrF: `{first['chrf_signature']}`.", ""]
+
+
+def curves_section(grid: Grid, out: Path) -> list[str]:
+    methods = grid.by_method()
+    if not methods:
+        return []
+    keys = [f"{kind}_nll/{g}" for kind in ("train", "valid") for g in ("LoRes", "HiRes")]
+    averaged = {m: mean_events(runs, "train", keys[:2]) + mean_events(runs, "valid", keys[2:]) for m, runs in methods.items()}
+    name = f"{grid.slug}_nll.png"
+    nll_curves(averaged, out / name)
+    rows = []
+    for method, events in averaged.items():
+        valid = [e for e in events if e["event"] == "valid" and e.get("valid_nll/HiRes") is not None]
+        if len(valid) >= 2:
+            last, horizon = valid[-1], valid[-1]["update"] * 0.8
+            earlier = min(valid[:-1], key=lambda e: abs(e["update"] - horizon))
+            change = (last["valid_nll/HiRes"] - earlier["valid_nll/HiRes"]) / earlier["valid_nll/HiRes"]
+            rows.append([method, fmt(last["valid_nll/HiRes"], 3), fmt(last.get("valid_nll/LoRes"), 3),
+                         f"{100 * change:+.1f}% (update {earlier['update']} → {last['update']})"])
+    lines = [f"### NLL over training (Fig 1/6/7 analogue)", "", f"![{grid.name}: train and valid NLL, LoRes and HiRes, mean over seeds]({name})", ""]
+    if rows:
+        lines += [markdown_table(["method", "final valid NLL HiRes", "final valid NLL LoRes", "HiRes valid NLL change over the last 20%"], rows),
+                  "", "A change within ±1% over the last fifth of training is a plateau; a larger fall means the budget "
+                  "stopped the run while HiRes was still learning.", ""]
+    return lines
+
+
+def diagnostics_section(grid: Grid, out: Path) -> list[str]:
+    keys = ["lambda_max/HiRes", "lambda_max/LoRes", "lambda_max/combined", "cosine/HiRes-LoRes"]
+    analysed = {m: [r for r in runs if r.diagnostics] for m, runs in grid.by_method().items()}
+    analysed = {m: runs for m, runs in analysed.items() if runs}
+    if not analysed:
+        return []
+    averaged = {m: mean_events(runs, "diagnostics", keys) for m, runs in analysed.items()}
+    name = f"{grid.slug}_diagnostics.png"
+    training_curves(averaged, out / name)
+    rows = [[m, str(len(analysed[m])), str(p["update"]), *[fmt(p.get(k), 3) for k in keys]] for m, points in averaged.items() for p in points]
+    return ["### Curvature and gradient similarity over training (Fig 5 analogue)", "",
+            f"![{grid.name}: top Hessian eigenvalue and HiRes–LoRes gradient cosine]({name})", "",
+            markdown_table(["method", "runs", "update", *keys], rows), "",
+            "λ_max: largest eigenvalue of the Hessian of the mean token NLL on fixed, seeded training batches; "
+            "combined: the loss the run optimises (sampling × balancer weights). Mean over the analysed runs.", ""]
+
+
+def alpha_section(grid: Grid, out: Path) -> list[str]:
+    lines = []
+    for method, runs in grid.by_method().items():
+        run = runs[0]
+        if any(k.startswith("alpha/") for e in run.metrics for k in e):
+            name = f"{grid.slug}_alpha_{re.sub(r'[^A-Za-z0-9_.-]', '_', run.name)}.png"
+            alpha_curves(run.metrics, out / name, title=f"{method} seed {run.seed}")
+            lines += [f"![{grid.name}: {method} seed {run.seed}, α per task and λ]({name})", ""]
+    return ["### CATS α and λ", "", *lines] if lines else []
+
+
+def examples_section(grid: Grid, prepare_references: Callable[[dict], dict]) -> list[str]:
+    """Three test sentences per language group beside the reference and each method's first seed."""
+    methods = {m: runs[0] for m, runs in grid.by_method().items()}
+    if not methods:
+        return []
+    first = next(iter(methods.values()))
+    try:
+        references = prepare_references(first.config)
+    except PolycatsError as error:
+        return ["### Example translations", "", f"Not shown: the prepared test data is not available ({error}).", ""]
+    hypotheses = {m: {task: (run.path / "eval" / f"test.{task}.hyp").read_text(encoding="utf-8").splitlines()
+                      for task in references if (run.path / "eval" / f"test.{task}.hyp").is_file()}
+                  for m, run in methods.items()}
+    by_group: dict[str, list[str]] = {}
+    for task, scores in first.test["per_language"].items():
+        by_group.setdefault(scores["group"], []).append(task)
+    lines = ["### Example translations", "",
+             f"{EXAMPLES_PER_GROUP} test sentences per group (a fixed seeded draw), each method's lowest seed.", ""]
+    for group in [g for g in GROUPS if g in by_group]:
+        rng = random.Random(f"{grid.name}/{group}")
+        drawn = {}  # task -> its sentences in a seeded order, short ones (≤ 25 words) first
+        for task in by_group[group]:
+            order = rng.sample(range(len(references[task])), len(references[task]))
+            drawn[task] = sorted(order, key=lambda j: len(references[task][j]["ref"].split()) > 25)
+        for i in range(EXAMPLES_PER_GROUP):
+            task = by_group[group][i % len(by_group[group])]
+            j = drawn[task][i // len(by_group[group])]
+            lines += [f"**{group} · {task} · test #{j}**", "", f"- source: {references[task][j]['src']}",
+                      f"- reference: {references[task][j]['ref']}"]
+            lines += [f"- {m}: {hyps[task][j] if j < len(hyps.get(task, [])) else '—'}" for m, hyps in hypotheses.items()]
+            lines.append("")
+    return lines
+
+
+# --- sections across grids ---------------------------------------------------------------------
+
+def best_temperature(grid: Grid, group: str) -> str | None:
+    temperatures = [m for m in grid.by_method() if TEMPERATURE.match(m) and grid.scores(m, group)]
+    if not temperatures:
+        return None
+    return max(temperatures, key=lambda m: sum(grid.scores(m, group)) / len(grid.scores(m, group)))
+
+
+def similarity_section(grids: list[Grid], out: Path) -> list[str]:
+    """Paper Fig 2/3: the gradient-similarity heatmaps ``polycats analyze`` drew, one per direction."""
+    lines, rows = [], []
+    for grid in grids:
+        for run in (r for runs in grid.by_method().values() for r in runs):
+            figures = sorted((run.path / "analysis").glob("similarity_*.png"))
+            if figures and run.diagnostics:
+                name = f"{grid.slug}_{run.name}_{figures[-1].name}"
+                shutil.copyfile(figures[-1], out / name)
+                point = run.diagnostics[-1]
+                rows.append([grid.name, run.config["data"]["direction"], f"{run.method} seed {run.seed}", str(point["update"]),
+                             fmt(point.get("cosine/HiRes-LoRes"), 3), fmt(point.get("norm_similarity/HiRes-LoRes"), 3)])
+                lines += [f"![{grid.name} ({run.config['data']['direction']}), {run.method} seed {run.seed}, update {point['update']}]({name})", ""]
+                break
+    if not rows:
+        return []
+    return ["## Gradient similarity by direction (Fig 2/3 analogue)", "",
+            markdown_table(["grid", "direction", "run", "update", "cosine HiRes–LoRes", "norm similarity HiRes–LoRes"], rows), "", *lines]
+
+
+def settings_section(grids: list[Grid], out: Path) -> list[str]:
+    """Paper Fig 8/9: CATS minus the baselines in every grid's setting (batch, model size, direction)."""
+    rows, deltas = [], {}
+    for grid in grids:
+        methods = grid.by_method()
+        best = best_temperature(grid, "LoRes")
+        if "CATS" not in methods or best is None:
+            continue
+        config = methods["CATS"][0].config
+        lores = welch_difference(grid.scores("CATS", "LoRes"), grid.scores(best, "LoRes"))
+        hires = welch_difference(grid.scores("CATS", "HiRes"), grid.scores("T=1", "HiRes")) if "T=1" in methods else None
+        deltas[grid.name] = (lores.mean, hires.mean if hires else None)
+        rows.append([grid.name, config["data"]["direction"], str(config["train"]["max_tokens"]), f"{config['train']['lr']:g}",
+                     f"{config['model']['d_model']}×{config['model']['encoder_layers']}+{config['model']['decoder_layers']}",
+                     str(len(methods["CATS"])), f"{lores} vs {best}", str(hires) if hires else "—"])
+    if not rows:
+        return []
+    setting_deltas(deltas, out / "settings_deltas.png")
+    return ["## CATS across settings (Fig 8/9 analogue)", "",
+            markdown_table(["grid", "direction", "tokens/batch", "lr", "d_model×layers", "CATS seeds",
+                            "Δ LoRes BLEU (CATS − best T)", "Δ HiRes BLEU (CATS − T=1)"], rows), "",
+            "Δ: mean difference [95% Welch interval] over seeds; no interval with one seed.", "",
+            "![CATS minus baseline BLEU per grid](settings_deltas.png)", ""]
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    paper: str
+    grid: str
+    measure: str
+    difference: Difference | None
+    threshold: float
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.difference, self.threshold)
+
+
+def paired_diagnostics(grid: Grid, key: str, relative: bool) -> Difference | None:
+    """CATS vs T=1 at equal seed and update (after update 1): ``T=1 − CATS`` (relative to T=1 when
+    ``relative``) for eigenvalues, ``CATS − T=1`` for the cosine."""
+    methods = grid.by_method()
+    if "CATS" not in methods or "T=1" not in methods:
+        return None
+    base = {(r.seed, p["update"]): p.get(key) for r in methods["T=1"] for p in r.diagnostics}
+    differences = []
+    for run in methods["CATS"]:
+        for point in run.diagnostics:
+            reference = base.get((run.seed, point["update"]))
+            if point["update"] > 1 and reference is not None and point.get(key) is not None:
+                differences.append((reference - point[key]) / abs(reference) if relative else point[key] - reference)
+    return mean_ci(differences) if differences else None
+
+
+def claims(grids: list[Grid]) -> list[Claim]:
+    found = []
+    for grid in grids:
+        methods = grid.by_method()
+        best_lores, best_all = best_temperature(grid, "LoRes"), best_temperature(grid, "All")
+        if "CATS" not in methods or best_lores is None:
+            continue
+        gain = welch_difference(grid.scores("CATS", "LoRes"), grid.scores(best_lores, "LoRes"))
+        found.append(Claim(ROBUSTNESS.get(grid.name, "CATS improves LoRes"), "+0.8..+2.2 BLEU", grid.name,
+                           f"LoRes BLEU: CATS − {best_lores} (best T)", gain, 0.0))
+        if grid.name in ROBUSTNESS:
+            continue
+        if "T=1" in methods:
+            found.append(Claim("HiRes not hurt", "≈0 BLEU", grid.name, "HiRes BLEU: CATS − T=1",
+                               welch_difference(grid.scores("CATS", "HiRes"), grid.scores("T=1", "HiRes")), -NON_INFERIORITY_BLEU))
+        found.append(Claim("no temperature tuning needed", "CATS at T=1 ≥ tuned T", grid.name, f"All BLEU: CATS − {best_all} (best T)",
+                           welch_difference(grid.scores("CATS", "All"), grid.scores(best_all, "All")), -NON_INFERIORITY_BLEU))
+        eigen = paired_diagnostics(grid, "lambda_max/combined", relative=True)
+        if eigen is not None:
+            found.append(Claim("lower top eigenvalue", "lower λ_max", grid.name,
+                               "relative λ_max reduction (combined loss), T=1 → CATS, per checkpoint", eigen, 0.0))
+        cosine = paired_diagnostics(grid, "cosine/HiRes-LoRes", relative=False)
+        if cosine is not None:
+            found.append(Claim("higher HiRes–LoRes gradient similarity", "higher cosine", grid.name,
+                               "cosine HiRes–LoRes: CATS − T=1, per checkpoint", cosine, 0.0))
+    return found
+
+
+def claims_section(grids: list[Grid]) -> list[str]:
+    found = claims(grids)
+    if not found:
+        return []
+    rows = [[c.claim, c.paper, c.grid, c.measure, str(c.difference) if c.difference else "—", f"{c.threshold:+.1f}", f"**{c.verdict}**"]
+            for c in found]
+    return ["## Claims of the paper against our numbers", "",
+            markdown_table(["claim", "paper", "grid", "measure", "ours: mean [95% CI]", "threshold", "verdict"], rows), "",
+            "**Rule.** Each claim says *difference > threshold*. It **holds** when the whole 95% interval lies above the "
+            "threshold, **does not hold** when the whole interval lies below it, and is **inconclusive** otherwise — "
+            "including every one-seed grid, which has no interval. BLEU differences use Welch's interval over seeds; "
+            f"\"not hurt\" and \"no tuning needed\" are non-inferiority claims with a margin of {NON_INFERIORITY_BLEU} BLEU; "
+            "the curvature and similarity claims pair CATS and T=1 at equal seed and update (checkpoints are not "
+            "independent, so their intervals are optimistic). The best temperature is chosen on the test scores "
+            "themselves, which favours the baseline.", ""]
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+def load_test_references(config: dict) -> dict:
+    """task -> [{"src", "ref"}] of the run's test split, from the prepared-data cache."""
+    return prepare(config_from_dict(config).data).references("test")
+
+
+def build_report(paths: list[Path], out: Path, command: str | None = None, results: Path | None = None,
+                 prepare_references: Callable[[dict], dict] = load_test_references) -> Path:
+    """Write ``out/report.md``, ``out/report.html`` and the figures; with ``results``, also that
+    Markdown page with its figures in a folder beside it (``docs/results.md`` → ``docs/results/``)."""
+    grids = collect(paths)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
-    nll_curves({r["name"]: r["metrics"] for r in runs}, out / "nll_curves.png")
-    figures.append(("Train and valid NLL of the LoRes and HiRes groups", "nll_curves.png"))
-    if any(r["analysis"] for r in runs):
-        training_curves({r["name"]: r["analysis"] for r in runs if r["analysis"]}, out / "diagnostics_curves.png")
-        figures.append(("Top eigenvalue and HiRes/LoRes gradient cosine over training", "diagnostics_curves.png"))
-    for r in runs:
-        if any(k.startswith("alpha/") for e in r["metrics"] for k in e):
-            name = f"alpha_{re.sub(r'[^A-Za-z0-9_.-]', '_', r['name'])}.png"
-            alpha_curves(r["metrics"], out / name, title=r["name"])
-            figures.append((f"{r['name']}: CATS α per task and λ", name))
-    lines = ["# polycats report", "", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs), "",
-             *bleu_section(runs), *diagnostics_section(runs), "## Figures", ""]
-    lines += [f"![{caption}]({name})\n" for caption, name in figures]
+    lines = ["# polycats report", ""]
+    if command:
+        lines += [f"Generated by `{command}`.", ""]
+    lines += claims_section(grids)
+    for grid in grids:
+        lines += [*overview_section(grid), *scores_section(grid), *curves_section(grid, out), *diagnostics_section(grid, out),
+                  *alpha_section(grid, out), *examples_section(grid, prepare_references)]
+    lines += [*settings_section(grids, out), *similarity_section(grids, out)]
     markdown = "\n".join(lines)
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.html", to_html(markdown, out))
+    if results is not None:
+        publish(markdown, out, Path(results))
     return out / "report.md"
 
 
+IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def publish(markdown: str, folder: Path, target: Path) -> None:
+    """``target`` (e.g. docs/results.md) with the figures copied to ``target``'s stem folder."""
+    figures = target.parent / target.stem
+    figures.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):
+        stale.unlink()
+    for name in {m.group(2) for m in IMAGE.finditer(markdown)}:
+        shutil.copyfile(folder / name, figures / name)
+    atomic_write_text(target, IMAGE.sub(lambda m: f"![{m.group(1)}]({figures.name}/{m.group(2)})", markdown))
+
+
 def to_html(markdown: str, folder: Path) -> str:
-    """A self-contained page: tables and images (inlined as base64) from our own Markdown subset."""
-    body, table = [], []
+    """A self-contained page: markdown-it (CommonMark + tables), PNG figures inlined as base64."""
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
 
-    def flush() -> None:
-        if table:
-            rows = [row for row in table if not set(row.replace("|", "").strip()) <= {"-"}]
-            cells = [[html.escape(c.strip()) for c in row.strip("|").split("|")] for row in rows]
-            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:]) + "</table>")
-            table.clear()
+    def inline(match: re.Match) -> str:
+        path = folder / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
 
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif match := re.match(r"!\[(.*)\]\((.*)\)", line):
-            data = base64.b64encode((folder / match.group(2)).read_bytes()).decode()
-            body.append(f'<figure><img src="data:image/png;base64,{data}" style="max-width:100%"><figcaption>'
-                        f"{html.escape(match.group(1))}</figcaption></figure>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>polycats report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    body = re.sub(r'src="([A-Za-z0-9_.-]+\.png)"', inline, body)
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}code{background:#f4f4f4}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>polycats report</title><style>{style}</style></head><body>{body}</body></html>\n"
