@@ -1,7 +1,8 @@
 """``polycats demo`` / ``make demo``: the demo preset trained three ways (T=1, T=5, CATS on a
-T=1 sampler) for the same number of updates, each evaluated on the test split, then one summary
-table written to ``OUT/summary.md`` and ``OUT/summary.json``. ``--methods`` picks other entries of
-``METHODS`` (the peers, T=100), all on the same preset, budget and seed."""
+T=1 sampler) for the same number of updates, each evaluated on the test split (its group table and
+two examples per language printed), then one summary table in ``OUT/summary.md`` and
+``OUT/summary.json`` and the report of the runs in ``OUT/report/``. ``--methods`` picks other
+entries of ``METHODS`` (the peers, T=100), all on the same preset, budget and seed."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from polycats.config import load_config, preset_path
+from polycats.data.prepare import prepare
 from polycats.errors import PolycatsError
 from polycats.evaluate.run import evaluate_run
+from polycats.evaluate.scoring import render_table
 from polycats.io import atomic_write_json, atomic_write_text
 from polycats.methods import METHODS, run_name
-from polycats.report.figures import alpha_curves, nll_curves
-from polycats.train.metrics import read_metrics
+from polycats.report.report import build_report, example_indices
 from polycats.train.trainer import train
 
 # The demo is short: CATS starts adapting after 100 updates instead of its default 200.
@@ -55,6 +58,15 @@ def demo_command(out: Path, methods: tuple[str, ...], overrides: list[str]) -> s
                        *(word for override in overrides for word in ("--set", override))])
 
 
+def print_examples(run_dir: Path, references: dict[str, list[dict]], console: Console, per_language: int = 2) -> None:
+    """Two test sentences per language: source, reference and this run's hypothesis."""
+    for task, items in references.items():
+        hypotheses = (run_dir / "eval" / f"test.{task}.hyp").read_text(encoding="utf-8").splitlines()
+        for j in example_indices(items, per_language, f"demo/{task}"):
+            console.print(f"[bold]{task}[/] #{j}\n  source:     {escape(items[j]['src'])}\n"
+                          f"  reference:  {escape(items[j]['ref'])}\n  hypothesis: {escape(hypotheses[j])}")
+
+
 def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[str, ...] = DEFAULT_METHODS) -> dict:
     """Train and test each of ``methods``; a run already finished in ``out`` is resumed, not redone."""
     unknown = [m for m in methods if m not in METHODS]
@@ -72,6 +84,8 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
         train(config, run_dir)
         reports[method] = evaluate_run(run_dir, "test")
         timings[method] = time.perf_counter() - began
+        console.print(render_table(reports[method], title=f"{method}: test split"))
+        print_examples(run_dir, prepare(config.data).references("test"), console)
     rows = summary_rows(reports)
     config = load_config(preset, overrides)
     table = Table(title=f"demo: test BLEU/chrF after {config.train.max_updates} updates (greedy={config.eval.beam == 1})")
@@ -101,14 +115,11 @@ def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[s
         "The research presets in configs/ and `docs/results.md` hold the measured comparisons.",
         "",
     ])
-    runs = {method: read_metrics(out / run_name(method)) for method in methods}
-    nll_curves(runs, out / "nll_curves.png")
-    text += "\n![train and valid NLL, LoRes and HiRes](nll_curves.png)\n"
-    if "CATS" in runs:
-        alpha_curves(runs["CATS"], out / "cats_alpha.png")
-        text += "\n![CATS α and λ](cats_alpha.png)\n"
+    report = build_report([out / run_name(m) for m in methods], out / "report")
+    text += f"\nThe report of these runs (curves, CATS α/λ, examples): `{report}` and `{report.with_suffix('.html')}`.\n"
     atomic_write_text(out / "summary.md", text)
     atomic_write_json(out / "summary.json", {"rows": rows, "timings_s": timings, "train_pairs": sizes, "signature": signature})
     console.print(f"summary: {out / 'summary.md'}  (runs: {', '.join(str(out / run_name(m)) for m in methods)})")
+    console.print(f"report: {report} and {report.with_suffix('.html')} (open it in a browser)")
     console.print(f"total time {elapsed / 60:.1f} min. Small budget: absolute BLEU is low; compare methods, not numbers with the paper.")
     return {"rows": rows, "timings": timings}

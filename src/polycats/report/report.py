@@ -145,7 +145,9 @@ def collect(paths: list[Path]) -> list[Grid]:
             problem = "is not a directory" if path.exists() else "does not exist"
             raise PolycatsError(f"{path} {problem}; give an experiment directory, a folder of runs, or run directories")
     if singles:
-        grids.append(Grid("runs", singles[0].path.parent, singles))
+        parents = {run.path.parent for run in singles}
+        parent = parents.pop() if len(parents) == 1 else Path(".")
+        grids.append(Grid(parent.name or "runs", parent, singles))
     return grids
 
 
@@ -280,6 +282,13 @@ def alpha_section(grid: Grid, out: Path) -> list[str]:
     return ["### CATS α and λ", "", *lines] if lines else []
 
 
+def example_indices(references: list[dict], count: int, seed: str) -> list[int]:
+    """``count`` sentence indices in a seeded order, short ones (≤ 25 reference words) first, so
+    that examples stay readable and are the same in every report."""
+    order = random.Random(seed).sample(range(len(references)), len(references))
+    return sorted(order, key=lambda j: len(references[j]["ref"].split()) > 25)[:count]
+
+
 def examples_section(grid: Grid, prepare_references: Callable[[dict], dict]) -> list[str]:
     """Three test sentences per language group beside the reference and each method's first seed."""
     methods = {m: runs[0] for m, runs in grid.by_method().items()}
@@ -299,11 +308,7 @@ def examples_section(grid: Grid, prepare_references: Callable[[dict], dict]) -> 
     lines = ["### Example translations", "",
              f"{EXAMPLES_PER_GROUP} test sentences per group (a fixed seeded draw), each method's lowest seed.", ""]
     for group in [g for g in GROUPS if g in by_group]:
-        rng = random.Random(f"{grid.name}/{group}")
-        drawn = {}  # task -> its sentences in a seeded order, short ones (≤ 25 words) first
-        for task in by_group[group]:
-            order = rng.sample(range(len(references[task])), len(references[task]))
-            drawn[task] = sorted(order, key=lambda j: len(references[task][j]["ref"].split()) > 25)
+        drawn = {task: example_indices(references[task], EXAMPLES_PER_GROUP, f"{grid.name}/{task}") for task in by_group[group]}
         for i in range(EXAMPLES_PER_GROUP):
             task = by_group[group][i % len(by_group[group])]
             j = drawn[task][i // len(by_group[group])]
