@@ -131,7 +131,7 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
                 # inherits its allocator and cache state, so a fixed order is a bias.
                 for method in members[step % len(members):] + members[:step % len(members)]:
                     trainer = trainers[method]
-                    one_pass = not trainer.wants_task_gradients() or trainer.task_split is not None
+                    one_pass = not trainer.balancer.plan(trainer.state.update).task_gradients or trainer.task_split is not None
                     passes = 1 if one_pass else present
                     started = time.perf_counter()
                     trainer.train_step(batch)

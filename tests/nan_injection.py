@@ -21,7 +21,7 @@ def poison_batches(patch: pytest.MonkeyPatch, batches: Iterable[int]) -> None:
 
     def task_losses(self: Trainer, batch, step_totals):
         sums, tokens = original(self, batch, step_totals)
-        if self.batches_drawn + 1 in chosen:
+        if self.state.batches_drawn + 1 in chosen:
             sums = torch.where(tokens > 0, sums * math.nan, sums)
         return sums, tokens
 

@@ -40,8 +40,8 @@ def test_skipped_batches_do_not_move_the_cats_schedule(tmp_path, monkeypatch):
     poison_batches(monkeypatch, {2, 6})
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
     trainer.fit()
-    assert trainer.update == 8 and trainer.skipped_total == 2
-    assert trainer.balancer.steps == trainer.update
+    assert trainer.state.update == 8 and trainer.state.skipped_total == 2
+    assert trainer.balancer.steps == trainer.state.update
     # α updates on updates 2, 4, 6 (0-based: warm-up 2, then every 2nd).
     assert trainer.balancer.log_values()["cats/updates"] == 3.0
 
@@ -51,7 +51,7 @@ def test_a_float64_model_trains_with_float64_task_gradients(tmp_path, monkeypatc
     monkeypatch.setattr(trainer_module, "build_model", lambda config, vocab: build(config, vocab).double())
     trainer = Trainer(tiny_config(update_every=1), tmp_path / "run", progress=False)
     trainer.fit()
-    assert trainer.update == 8 and trainer.skipped_total == 0
+    assert trainer.state.update == 8 and trainer.state.skipped_total == 0
     assert trainer.task_grads is not None and trainer.task_grads.dtype == torch.float64
     assert trainer.balancer.log_values()["cats/updates"] == 6.0
 

@@ -59,7 +59,7 @@ def test_a_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, mon
 
     def interrupt_cats(self, metrics, snapshot=True):
         save(self, metrics, snapshot)
-        if self.config.balancer.name == "cats" and self.update == 2:
+        if self.config.balancer.name == "cats" and self.state.update == 2:
             raise KeyboardInterrupt  # a kill between two updates of the second run
 
     monkeypatch.setattr(Trainer, "save", interrupt_cats)
@@ -101,7 +101,7 @@ def test_the_commit_is_read_from_the_source_checkout_or_stated_outside_one(tmp_p
     assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40
     copy = tmp_path / "copy" / "polycats"  # a tree without .git, as on a machine the code was copied to
     copy.mkdir(parents=True)
-    monkeypatch.setattr(experiment.polycats, "__file__", str(copy / "__init__.py"))
+    monkeypatch.setattr(experiment, "__file__", str(copy / "experiment.py"))
     monkeypatch.delenv("POLYCATS_COMMIT", raising=False)
     assert experiment.source_commit() == "unknown"
     monkeypatch.setenv("POLYCATS_COMMIT", "1234abcd")

@@ -171,7 +171,7 @@ def test_cats_update_every_pays_for_per_task_passes_only_on_alpha_updates(tmp_pa
     per_task_steps = []
     real = trainer.per_task_backward
     monkeypatch.setattr(trainer, "per_task_backward",
-                        lambda *args, **kwargs: per_task_steps.append(trainer.update) or real(*args, **kwargs))
+                        lambda *args, **kwargs: per_task_steps.append(trainer.state.update) or real(*args, **kwargs))
     trainer.fit()
     assert per_task_steps == [0, 1, 2, 5, 8]
     alphas = [e["alpha/sw-en"] for e in read_metrics(tmp_path / "run") if e["event"] == "train"]

@@ -274,7 +274,7 @@ def test_a_second_signal_stops_at_once_and_releases_the_directory(tmp_path, monk
     step = Trainer.train_step
 
     def signalled_step(self, batch):
-        if self.batches_drawn == 2:
+        if self.state.batches_drawn == 2:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
         return step(self, batch)
@@ -344,7 +344,7 @@ def test_balancers_keep_finite_weights_through_nan_batches(tmp_path, monkeypatch
     poison_batches(monkeypatch, {2, 3, 5})
     trainer = Trainer(tiny(balancer=balancer, train={"max_updates": 5, "log_every": 1}), tmp_path / "run", progress=False)
     trainer.fit()
-    assert trainer.update == 5 and trainer.skipped_total == 3
+    assert trainer.state.update == 5 and trainer.state.skipped_total == 3
     assert bool(torch.isfinite(trainer.balancer.loss_weights()).all())
     for name, parameter in trainer.model.named_parameters():
         assert bool(torch.isfinite(parameter).all()), name

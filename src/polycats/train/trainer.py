@@ -48,37 +48,10 @@ from polycats.run.build import build_balancer, build_model, resolve_device, set_
 from polycats.run.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.run.directory import RunDir, RunLock, config_differences, summarise, with_current_defaults
 from polycats.train.metrics import MetricsLog
+from polycats.train.state import TrainState, rng_state, set_rng_state
 from polycats.version import __version__
 
 MAX_SKIPPED_IN_A_ROW = 20
-def rng_state(device: torch.device | None = None) -> dict:
-    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy,
-    and on a CUDA ``device`` that device's generator (dropout and GradDrop draw there)."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-    }
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore :func:`rng_state`; a CUDA state is restored only when training on CUDA (a run moved
-    to another device resumes, though not bit-identically)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-
-
 def inverse_sqrt_schedule(update: int, warmup: int) -> float:
     """Linear warm-up to 1 over ``warmup`` updates, then 1/sqrt decay (Vaswani et al.)."""
     if warmup == 0:
@@ -186,12 +159,7 @@ class Trainer:
         self.stream = BatchStream(train, self.sampling.at(0), t.max_tokens, t.seed)
         self.valid_batches = [batch.to(self.device) for batch in fixed_batches(self.data.split("valid"), t.max_tokens)]
         self.valid_sample: list[Batch] | None = None  # CATS source=valid: built on first use
-        self.update = 0
-        self.best_valid = math.inf
-        self.bad_validations = 0
-        self.skipped_in_a_row = 0
-        self.skipped_total = 0
-        self.last_valid: dict[str, float] = {}
+        self.state = TrainState()
         self.saved_at = -1  # batches drawn (updates + skipped) when last.pt was last written or read
         self.stop_signal: int | None = None
         self.show_progress = sys.stdout.isatty() if progress is None else progress
@@ -201,29 +169,21 @@ class Trainer:
         """Release the run directory (fit does this when it returns)."""
         self.lock.release()
 
-    @property
-    def batches_drawn(self) -> int:
-        return self.update + self.skipped_total
-
     # ------------------------------------------------------------------ checkpoints
     @property
     def last_path(self) -> Path:
         return self.run.checkpoints / "last.pt"
 
-    def state(self, metrics_offset: int) -> dict:
+    def checkpoint(self, metrics_offset: int) -> dict:
+        """Everything ``last.pt`` holds."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
             "sampler": self.stream.state_dict(),
             "rng": rng_state(self.device),
-            "update": self.update,
-            "best_valid": self.best_valid,
-            "bad_validations": self.bad_validations,
-            "skipped_total": self.skipped_total,
-            "skipped_in_a_row": self.skipped_in_a_row,
+            **self.state.state_dict(),
             "totals": self.totals.state_dict(),  # the logging window: train_nll since the last log
-            "last_valid": dict(self.last_valid),
             "metrics_offset": metrics_offset,
             "tasks": self.tasks,
             "config": json.dumps(self.config.model_dump(mode="json"), sort_keys=True),
@@ -257,24 +217,19 @@ class Trainer:
             raise PolycatsError(
                 f"checkpoint {path} does not fit this run ({first_line[:160]}); was it copied from another run?"
             ) from None
-        self.update = int(state["update"])
-        self.best_valid = float(state["best_valid"])
-        self.bad_validations = int(state["bad_validations"])
-        self.skipped_total = int(state["skipped_total"])
-        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        self.last_valid = dict(state.get("last_valid", {}))
-        self.saved_at = self.batches_drawn
+        self.state = TrainState.from_state_dict(state)
+        self.saved_at = self.state.batches_drawn
 
     def save(self, metrics: MetricsLog, snapshot: bool = True) -> None:
         """Write the update's snapshot (if kept), then last.pt (the previous one becomes
         last.prev.pt). In that order: a kill between the two must not leave a last.pt whose
         snapshot is missing, as a resume would never write it."""
-        state = self.state(metrics.offset())
+        state = self.checkpoint(metrics.offset())
         if snapshot and self.config.train.keep_snapshots:
-            snapshot_state = {"model": state["model"], "balancer": state["balancer"], "update": self.update}
-            save_checkpoint(snapshot_state, self.run.checkpoints / f"update_{self.update:06d}.pt")
+            snapshot_state = {"model": state["model"], "balancer": state["balancer"], "update": self.state.update}
+            save_checkpoint(snapshot_state, self.run.checkpoints / f"update_{self.state.update:06d}.pt")
         save_rotating(state, self.last_path)
-        self.saved_at = self.batches_drawn
+        self.saved_at = self.state.batches_drawn
 
     def resume_state(self) -> tuple[dict, Path] | None:
         """The newest usable full checkpoint and its path (None: a fresh start)."""
@@ -378,7 +333,7 @@ class Trainer:
         """One update on ``batch``. If its loss or gradient is not finite, nothing is stepped and
         nothing is added to the logged totals: ``{"skipped": 1.0, "reason": "loss" | "gradient"}``."""
         batch = batch.to(self.device)
-        plan = self.balancer.plan(self.update)
+        plan = self.balancer.plan(self.state.update)
         if plan.validation:
             self.balancer.observe_validation(self.validation_stats(plan.curvature))
         self.model.train()
@@ -406,7 +361,7 @@ class Trainer:
             self.balancer.observe_losses(task_sums.detach() / task_tokens.clamp_min(1), task_tokens)
         self.totals.merge(step_totals)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.train.lr * inverse_sqrt_schedule(self.update + 1, self.config.train.warmup_updates)
+            group["lr"] = self.config.train.lr * inverse_sqrt_schedule(self.state.update + 1, self.config.train.warmup_updates)
         self.optimizer.step()
         return {"grad_norm": float(grad_norm)}
 
@@ -422,7 +377,7 @@ class Trainer:
     def diagnostics(self) -> dict[str, float]:
         """HiRes/LoRes gradient cosine and top Hessian eigenvalues (groups, combined loss) on fixed
         training batches; the random state is untouched, so logging them does not change training."""
-        weights = combined_weights(self.tasks, self.sampling.at(self.update).tolist(), self.balancer.loss_weights().tolist())
+        weights = combined_weights(self.tasks, self.sampling.at(self.state.update).tolist(), self.balancer.loss_weights().tolist())
         return training_diagnostics(self.model, self.data, weights)
 
     # ------------------------------------------------------------------ the loop
@@ -449,7 +404,7 @@ class Trainer:
         if found is not None:
             state, path = found
             self.restore(state, path)
-            return MetricsLog(self.run.path, int(state["metrics_offset"]), self.update)
+            return MetricsLog(self.run.path, int(state["metrics_offset"]), self.state.update)
         metrics = MetricsLog(self.run.path)
         sizes = self.data.meta["sizes"]
         metrics.log("start", 0, {
@@ -466,22 +421,22 @@ class Trainer:
     def loop(self, metrics: MetricsLog) -> dict[str, float]:
         t = self.config.train
         window_tokens, window_start = 0, time.perf_counter()
-        stopped_early = t.patience > 0 and self.bad_validations >= t.patience  # a resumed run that had stopped
+        stopped_early = t.patience > 0 and self.state.bad_validations >= t.patience  # a resumed run that had stopped
         with self.progress_bar() as progress:
-            task_id = progress.add_task("train", total=t.max_updates, completed=self.update, status="")
-            while self.update < t.max_updates and not stopped_early:
+            task_id = progress.add_task("train", total=t.max_updates, completed=self.state.update, status="")
+            while self.state.update < t.max_updates and not stopped_early:
                 if self.stop_signal is not None:
                     self.stop_for_signal(metrics)
-                self.stream.set_probabilities(self.sampling.at(self.update))
+                self.stream.set_probabilities(self.sampling.at(self.state.update))
                 batch = self.stream.next()
                 step = self.train_step(batch)
                 if "skipped" in step:
                     self.skip(batch, step["reason"], metrics)
                     continue
-                self.skipped_in_a_row = 0
-                self.update += 1
+                self.state.skipped_in_a_row = 0
+                self.state.update += 1
                 window_tokens += batch.target_tokens
-                if self.update % t.log_every == 0 or self.update == t.max_updates:
+                if self.state.update % t.log_every == 0 or self.state.update == t.max_updates:
                     elapsed = time.perf_counter() - window_start
                     values = {
                         **self.totals.summary("train_nll", self.tasks, self.groups),
@@ -490,56 +445,56 @@ class Trainer:
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),  # wall clock: the one inexact value
                         **self.balancer.log_values(),
                     }
-                    metrics.log("train", self.update, values)
+                    metrics.log("train", self.state.update, values)
                     self.totals.reset()
                     window_tokens, window_start = 0, time.perf_counter()
                     progress.update(task_id, status=f"nll {values.get('train_nll', float('nan')):.2f} · {values['tokens_per_s']:,.0f} tok/s")
-                progress.update(task_id, completed=self.update)
-                if t.diagnostics_every and (self.update % t.diagnostics_every == 0 or self.update == 1):
-                    metrics.log("diagnostics", self.update, self.diagnostics())
-                if self.update % t.valid_every == 0 or self.update == t.max_updates:
-                    self.last_valid = self.validate()
-                    improved = self.last_valid["valid_nll"] < self.best_valid
+                progress.update(task_id, completed=self.state.update)
+                if t.diagnostics_every and (self.state.update % t.diagnostics_every == 0 or self.state.update == 1):
+                    metrics.log("diagnostics", self.state.update, self.diagnostics())
+                if self.state.update % t.valid_every == 0 or self.state.update == t.max_updates:
+                    self.state.last_valid = self.validate()
+                    improved = self.state.last_valid["valid_nll"] < self.state.best_valid
                     if improved:
-                        self.best_valid, self.bad_validations = self.last_valid["valid_nll"], 0
-                        save_checkpoint({"model": self.model.state_dict(), "update": self.update}, self.run.checkpoints / "best.pt")
+                        self.state.best_valid, self.state.bad_validations = self.state.last_valid["valid_nll"], 0
+                        save_checkpoint({"model": self.model.state_dict(), "update": self.state.update}, self.run.checkpoints / "best.pt")
                     else:
-                        self.bad_validations += 1
-                    metrics.log("valid", self.update, {**self.last_valid, "best_valid_nll": self.best_valid})
+                        self.state.bad_validations += 1
+                    metrics.log("valid", self.state.update, {**self.state.last_valid, "best_valid_nll": self.state.best_valid})
                     if not self.show_progress:
-                        print(f"update {self.update}/{t.max_updates}  valid_nll {self.last_valid['valid_nll']:.3f}  "
-                              f"best {self.best_valid:.3f}", flush=True)
-                    stopped_early = t.patience > 0 and self.bad_validations >= t.patience
+                        print(f"update {self.state.update}/{t.max_updates}  valid_nll {self.state.last_valid['valid_nll']:.3f}  "
+                              f"best {self.state.best_valid:.3f}", flush=True)
+                    stopped_early = t.patience > 0 and self.state.bad_validations >= t.patience
                     if stopped_early:  # logged before the checkpoint, so a resume never logs it twice
-                        metrics.log("early_stop", self.update, {"bad_validations": self.bad_validations})
-                if self.update % t.save_every == 0 or self.update == t.max_updates or stopped_early:
+                        metrics.log("early_stop", self.state.update, {"bad_validations": self.state.bad_validations})
+                if self.state.update % t.save_every == 0 or self.state.update == t.max_updates or stopped_early:
                     self.save(metrics)
-        return self.last_valid
+        return self.state.last_valid
 
     def skip(self, batch: Batch, reason: str, metrics: MetricsLog) -> None:
         """Count and log a skipped update; after MAX_SKIPPED_IN_A_ROW, save the last good state and stop."""
-        self.skipped_in_a_row += 1
-        self.skipped_total += 1
+        self.state.skipped_in_a_row += 1
+        self.state.skipped_total += 1
         tasks = ",".join(sorted({self.tasks[i] for i in batch.task.tolist()}))
-        metrics.log("skipped_update", self.update, {
-            "reason": reason, "tasks": tasks, "skipped_in_a_row": self.skipped_in_a_row, "skipped_total": self.skipped_total,
+        metrics.log("skipped_update", self.state.update, {
+            "reason": reason, "tasks": tasks, "skipped_in_a_row": self.state.skipped_in_a_row, "skipped_total": self.state.skipped_total,
         })
-        print(f"warning: non-finite {reason} in the batch after update {self.update} (tasks {tasks}); "
-              f"update skipped ({self.skipped_in_a_row} in a row, {self.skipped_total} in all)", file=sys.stderr, flush=True)
-        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        print(f"warning: non-finite {reason} in the batch after update {self.state.update} (tasks {tasks}); "
+              f"update skipped ({self.state.skipped_in_a_row} in a row, {self.state.skipped_total} in all)", file=sys.stderr, flush=True)
+        if self.state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             self.save(metrics, snapshot=False)  # the model and optimiser are the last good update's
             raise PolycatsError(
-                f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient (last batch: tasks {tasks}); "
-                f"the last good state (update {self.update}) is saved in {self.last_path}: run the same command to "
+                f"{self.state.skipped_in_a_row} updates in a row had a non-finite loss or gradient (last batch: tasks {tasks}); "
+                f"the last good state (update {self.state.update}) is saved in {self.last_path}: run the same command to "
                 "continue past these batches, or check the data / lower train.lr in a new --out directory"
             )
 
     def stop_for_signal(self, metrics: MetricsLog) -> None:
-        if self.saved_at != self.batches_drawn:
+        if self.saved_at != self.state.batches_drawn:
             self.save(metrics, snapshot=False)  # no snapshot: analyze curves keep their regular spacing
         name = signal.Signals(self.stop_signal).name
         raise Interrupted(
-            f"{name} received: stopped after update {self.update}/{self.config.train.max_updates} and saved "
+            f"{name} received: stopped after update {self.state.update}/{self.config.train.max_updates} and saved "
             f"{self.last_path}; run the same command to resume", self.stop_signal,
         )
 
