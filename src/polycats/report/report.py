@@ -151,6 +151,10 @@ def collect(paths: list[Path]) -> list[Grid]:
     return grids
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -197,13 +201,14 @@ def overview_section(grid: Grid) -> list[str]:
     commits: dict[str, int] = {}
     for run in grid.runs:
         commits[run.commit or "unrecorded"] = commits.get(run.commit or "unrecorded", 0) + 1
+    commit_list = ", ".join(f"`{commit[:12]}` ({plural(n, 'run')})" for commit, n in commits.items())
     config = grid.runs[0].config
     data, model, train = config["data"], config["model"], config["train"]
     devices = sorted(set().union(*(r.devices for r in grid.runs)))
     walls = [r.wall_s for r in finished if r.wall_s]
     lines += [
         "",
-        f"- Commit: {', '.join(f'`{c[:12]}` ({n} runs)' for c, n in commits.items())}; device: {', '.join(devices) or '—'}"
+        f"- Commit: {commit_list}; device: {', '.join(devices) or '—'}"
         + (f"; wall time per run {min(walls) / 60:.1f}–{max(walls) / 60:.1f} min (train + evaluate)" if walls else ""),
         f"- Data: {data['source']} {data['direction']}, training pairs {json.dumps(data['languages'])}.",
         f"- Budget: {train['max_updates']} updates of ≤{train['max_tokens']} tokens, lr {train['lr']:g}, warm-up "
