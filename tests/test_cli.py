@@ -11,6 +11,7 @@ parsing, error handling, stderr text and exit code.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -209,6 +210,15 @@ def test_analyze_defaults_are_the_library_defaults():
     defaults = DiagnosticSettings()
     for name in ("sentences", "method", "tol", "max_iter", "seed"):
         assert options[name] == getattr(defaults, name), name
+    assert options["tasks"] == defaults.include_tasks
+
+
+def test_analyze_groups_only_solves_no_task_eigenvalues(ws, run):
+    process = ws.invoke("analyze", "run", "--sentences", "4", "--tol", "1e-2", "--max-iter", "20", "--groups-only")
+    assert process.returncode == 0, text(process)[1]
+    rows = json.loads((ws.root / "run" / "analysis" / "summary.json").read_text())["checkpoints"]
+    solved = set(rows[-1]["matvecs"])
+    assert "lambda_max/combined" in solved and not any(key.endswith("-en") for key in solved), solved  # no task solves
 
 
 # ------------------------------------------------------------------------------ checkpoint errors (what evaluate/translate print)

@@ -164,6 +164,8 @@ def analyze(
     max_iter: Annotated[int, typer.Option(min=1, help="budget of Hessian-vector products per eigenvalue (power iteration: per run, "
                                                "up to two runs); a solve that uses it all is reported as not converged")] = 100,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="seed of the diagnostic batches and the eigen solver")] = 0,
+    tasks: Annotated[bool, typer.Option("--tasks/--groups-only", help="an eigenvalue per task too, or only per group "
+                                        "and combined (3 solves instead of K + 3: the Fig 5 curves)")] = True,
     device: DeviceOption = None,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
@@ -176,7 +178,7 @@ def analyze(
     if not 0 < tol < 1:  # written so that nan fails too
         raise PolycatsError(f"--tol must be a number in (0, 1), e.g. 1e-4, not {tol}")
     require_writable_run(run_dir, "analysis/")
-    settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter)
+    settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter, include_tasks=tasks)
     summary = analyze_run(run_dir, checkpoint, settings, device=device)
     rows = summary["checkpoints"]
     keys = sorted({k for row in rows for k, v in row.items() if k != "update" and not isinstance(v, dict)})

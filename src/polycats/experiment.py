@@ -200,6 +200,7 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
     todo = [run for run in runs if (run_record(out / "runs" / run.name) or {}).get("status") != FINISHED]
     echo(f"grid {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (commit {commit[:12]})")
     all_runs = expand(spec)
+    write_index(spec, base, out, all_runs)  # progress is visible (pending runs included) from the start
     if workers == 1:
         for run in todo:
             echo(f"{run.name}: training")
