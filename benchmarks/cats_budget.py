@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from polycats.balance.base import TaskStats
+from polycats.balance import TaskStats
 from polycats.balance.cats import CATS
 
 OPTIONS: dict[str, float] = {}  # CATS options from the command line

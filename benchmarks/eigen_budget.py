@@ -21,8 +21,7 @@ import time
 import torch
 
 from polycats.diagnostics.model_summary import TRAINING_SETTINGS, DiagnosticSettings, diagnostic_closures, group_members
-from polycats.diagnostics.curvature import top_eigenvalue
-from polycats.diagnostics.gradients import combine_losses
+from polycats.diagnostics import combine_losses, top_eigenvalue
 from polycats.run.build import build_model
 from polycats.run.checkpoint import load_checkpoint
 from polycats.run.directory import RunDir

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from polycats.diagnostics.curvature import hessian_operator, lanczos, power_iteration
-from polycats.diagnostics.gradients import translation_loss
+from polycats.diagnostics import hessian_operator, lanczos, power_iteration, translation_loss
 from polycats.model.transformer import Transformer, TransformerShape
 
 #: Swept from loose to tight; 1-2-5 steps so that no solver is charged much past its 1% point.

@@ -15,7 +15,8 @@ import polycats.diagnostics
 DOCUMENTED = [
     "polycats.balance", "polycats.balance.base", "polycats.balance.build", "polycats.balance.scalar",
     "polycats.balance.dro", "polycats.balance.gradvac", "polycats.balance.torchjd_peers", "polycats.balancer_config",
-    "polycats.data.sampling", "polycats.diagnostics",
+    "polycats.data.sampling", "polycats.diagnostics", "polycats.ops.hessian", "polycats.ops.losses",
+    "polycats.ops.task_gradients", "polycats.train.state",
 ]
 
 

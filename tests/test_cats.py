@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 import polycats.balance.cats as cats_module
-from polycats.balance.base import Balancer, TaskStats
+from polycats.balance import Balancer, TaskStats, backward_per_task
 from polycats.balance.cats import (
     CATS,
     CatsBudgetWarning,
@@ -30,14 +30,7 @@ from polycats.balance.cats import (
     sketch_error_bound,
 )
 from polycats.balancer_config import CatsConfig
-from polycats.balance.task_gradients import (
-    GRAM_CHUNK,
-    TaskLoss,
-    backward_per_task,
-    gram_matrix,
-    per_task_gradients,
-    weighted_sum,
-)
+from polycats.ops.task_gradients import GRAM_CHUNK, TaskLoss, gram_matrix, per_task_gradients, weighted_sum
 
 
 def assert_in_alpha_set(alpha: torch.Tensor, alpha_min: float) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from polycats.config import config_from_dict
-from polycats.diagnostics.curvature import hessian_operator
+from polycats.ops.hessian import hessian_operator
 from polycats.train import trainer as trainer_module
 from polycats.train.trainer import Trainer
 

@@ -17,11 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from polycats.diagnostics.curvature import (
-    DoubleBackwardHVP,
-    ForwardOverReverseHVP,
-    HessianOperator,
     curvature_report,
-    hessian_operator,
     hessian_trace,
     hutchinson_trace,
     lanczos,
@@ -29,16 +25,11 @@ from polycats.diagnostics.curvature import (
     top_eigenvalue,
     top_eigenvalue_weighted,
 )
-from polycats.diagnostics.gradients import (
-    SimilarityTable,
-    combine_losses,
-    gradient_similarity,
-    parameter_type,
-    select_parameters,
-    translation_loss,
-)
+from polycats.diagnostics.gradients import SimilarityTable, gradient_similarity, parameter_type
 from polycats.diagnostics.model_summary import TRAINING_SETTINGS, DiagnosticSettings
 from polycats.model.transformer import Transformer, TransformerShape
+from polycats.ops.hessian import DoubleBackwardHVP, ForwardOverReverseHVP, HessianOperator, hessian_operator
+from polycats.ops.losses import combine_losses, select_parameters, translation_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

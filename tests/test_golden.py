@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polycats.balance.task_split import TaskSplit
+from polycats.ops.task_split import TaskSplit
 from polycats.config import config_from_dict
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import Trainer

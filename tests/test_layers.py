@@ -31,6 +31,7 @@ FLOORS = {
     "config": ["polycats.errors", "polycats.io", "polycats.version", "polycats.balancer_config", "polycats.config",
                "polycats.methods", "polycats.config_table"],
     "data and model": ["polycats.data", "polycats.model"],
+    "gradients and operators": ["polycats.ops"],
     "balancers and diagnostics": ["polycats.balance", "polycats.diagnostics.gradients", "polycats.diagnostics.curvature",
                                   "polycats.diagnostics.model_summary"],
     "run": ["polycats.run"],

@@ -19,10 +19,9 @@ from pydantic import ValidationError
 from scipy.optimize import minimize
 from torch import nn
 
-from polycats.balance.base import Balancer, TaskStats
+from polycats.balance import Balancer, TaskLoss, TaskStats, backward_per_task
 from polycats.balance.dro import ChiSquareDRO, chi2_divergence, chi2_worst_case
 from polycats.balance.gradvac import GradVac, vaccinate
-from polycats.balance.task_gradients import TaskLoss, backward_per_task
 from polycats.balance.torchjd_peers import TorchJDBalancer, build_aggregator, pair_statistics
 from polycats.balancer_config import (
     PEER_CONFIGS,

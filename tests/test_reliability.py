@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from polycats.balance.base import TaskStats
+from polycats.balance import TaskStats
 from polycats.config import DataConfig, config_from_dict, load_config
 from polycats.data.corpus import ParallelCorpus, read_corpus
 from polycats.errors import PolycatsError

@@ -1,4 +1,4 @@
-"""Per-task gradients from one pass (polycats.balance.task_split) against one pass per task."""
+"""Per-task gradients from one pass (polycats.ops.task_split) against one pass per task."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from polycats.balance.task_gradients import TaskLoss, per_task_gradients
-from polycats.balance.task_split import TaskSplit
+from polycats.ops.task_gradients import TaskLoss, per_task_gradients
+from polycats.ops.task_split import TaskSplit
 from polycats.data.batching import collate
 from polycats.model.transformer import Transformer, TransformerShape
 

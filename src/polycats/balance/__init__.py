@@ -7,19 +7,19 @@ path for a plain PyTorch loop (:func:`backward_per_task`).
 ['alpha/de-en', 'alpha/sw-en']
 """
 
-from polycats.balance.base import Balancer, BalancerContext, CurvatureProbe, StepPlan, TaskStats
+from polycats.balance.base import Balancer, BalancerContext, StepPlan, backward_per_task
 from polycats.balance.build import balancer_from_config
 from polycats.balance.cats import CATS, CatsSolver
 from polycats.balance.dro import ChiSquareDRO
 from polycats.balance.gradvac import GradVac
 from polycats.balance.scalar import ScalarBalancer
-from polycats.balance.task_gradients import TaskLoss, backward_per_task, per_task_gradients
-from polycats.balance.task_split import TaskSplit
 from polycats.balance.torchjd_peers import TorchJDBalancer
 from polycats.balancer_config import (
     AlignedMTLConfig, CAGradConfig, CatsConfig, DROConfig, GradDropConfig, GradVacConfig, IMTLGConfig, MGDAConfig,
     NashMTLConfig, PCGradConfig, ScalarConfig, UPGradConfig,
 )
+from polycats.ops.task_gradients import CurvatureProbe, TaskLoss, TaskStats, per_task_gradients
+from polycats.ops.task_split import TaskSplit
 
 __all__ = [
     "AlignedMTLConfig", "Balancer", "BalancerContext", "CAGradConfig", "CATS", "CatsConfig", "CatsSolver", "ChiSquareDRO",

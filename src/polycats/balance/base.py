@@ -33,14 +33,13 @@ StepPlan(task_gradients=False, validation=False, curvature=False)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-CurvatureProbe = Callable[[Tensor], float]
-"""``d -> dᵀHd / ‖d‖²`` for a flat direction ``d`` in the layout of the gradient rows."""
+from polycats.ops.task_gradients import TaskClosure, TaskStats, accumulate_into_grad, per_task_gradients
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class StepPlan:
                     (else one backward pass of the loss-weighted sum, then ``observe_losses``);
     validation:     per-task statistics of the fixed validation sample, for
                     :meth:`Balancer.observe_validation` before the step;
-    curvature:      a :data:`CurvatureProbe` in the statistics handed over on this step.
+    curvature:      a curvature probe (``TaskStats.curvature``) in the statistics of this step.
     """
 
     task_gradients: bool
@@ -65,26 +64,6 @@ class BalancerContext:
     order of the flat gradient rows (a per-tensor method cuts ``G`` by them)."""
 
     parameters: list[tuple[str, Tensor]]
-
-
-@dataclass
-class TaskStats:
-    """What one step knows about its tasks.
-
-    losses:    ``[K]`` mean token loss ``L_i`` of each task (0 where the task is absent);
-    tokens:    ``[K]`` target tokens ``n_i`` of each task (0 where absent);
-    grads:     ``[K, P]`` flattened ``g_i`` (zero rows for absent tasks), or None;
-    curvature: the curvature probe on the batches these statistics come from, when planned.
-    """
-
-    losses: Tensor
-    tokens: Tensor
-    grads: Tensor | None = None
-    curvature: CurvatureProbe | None = None
-
-    @property
-    def present(self) -> Tensor:
-        return self.tokens > 0
 
 
 @runtime_checkable
@@ -122,3 +101,16 @@ class Balancer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def backward_per_task(
+    params: Iterable[Tensor], closures: Sequence[TaskClosure | None], balancer: Balancer
+) -> TaskStats:
+    """Per-task backward passes, then the balancer's combined direction accumulated into ``.grad``.
+
+    Returns the step's :class:`TaskStats` (losses, tokens, per-task gradients) for logging.
+    """
+    params = [p for p in params if p.requires_grad]
+    stats = per_task_gradients(params, closures)
+    accumulate_into_grad(params, balancer.combine(stats))
+    return stats

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan, TaskStats
-from polycats.balance.task_gradients import gram_matrix, weighted_sum
+from polycats.balance.base import BalancerContext, StepPlan
 from polycats.balancer_config import CatsConfig
+from polycats.ops.task_gradients import TaskStats, gram_matrix, weighted_sum
 
 FLOOR_TOLERANCE = 1e-3
 """An α within this distance of ``α_min`` counts as "on the floor" (α has mean 1)."""

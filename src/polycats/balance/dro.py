@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan, TaskStats
+from polycats.balance.base import BalancerContext, StepPlan
 from polycats.balancer_config import DROConfig
+from polycats.ops.task_gradients import TaskStats
 
 
 def chi2_divergence(q: np.ndarray, p: np.ndarray) -> float:

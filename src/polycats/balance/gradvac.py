@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan, TaskStats
-from polycats.balance.task_gradients import gram_matrix
+from polycats.balance.base import BalancerContext, StepPlan
 from polycats.balance.torchjd_peers import PeerRecord, fit_weights
 from polycats.balancer_config import GradVacConfig
+from polycats.ops.task_gradients import TaskStats, gram_matrix
 
 
 def vaccinate(gram: Tensor, targets: Tensor, beta: float, eps: float = 1e-8) -> tuple[Tensor, int]:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan, TaskStats
+from polycats.balance.base import BalancerContext, StepPlan
+from polycats.ops.task_gradients import TaskStats
 
 
 class ScalarBalancer:

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan, TaskStats
-from polycats.balance.task_gradients import gram_matrix, weighted_sum
+from polycats.balance.base import BalancerContext, StepPlan
 from polycats.balancer_config import (
     AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, PeerConfig,
     TaskGradient, UPGradConfig,
 )
 from polycats.errors import PolycatsError
+from polycats.ops.task_gradients import TaskStats, gram_matrix, weighted_sum
 
 if TYPE_CHECKING:  # torchjd (and, through it, cvxpy) is imported only when a peer is built
     from torchjd.aggregation import Aggregator

@@ -1,5 +1,6 @@
 """The diagnostics behind CATS as a library: gradient similarity between tasks and groups, and
-curvature (Hessian operators and the eigenvalue/trace algorithms that take any operator).
+curvature (the eigenvalue/trace algorithms, and the Hessian operators of ``polycats.ops`` they
+take).
 ``polycats analyze`` (:mod:`polycats.diagnostics.analyze`) runs them over a run's checkpoints.
 
 >>> import torch
@@ -11,14 +12,13 @@ curvature (Hessian operators and the eigenvalue/trace algorithms that take any o
 """
 
 from polycats.diagnostics.curvature import (
-    CurvatureReport, DoubleBackwardHVP, ExtremeEigenvalues, ForwardOverReverseHVP, HessianOperator, TraceEstimate,
-    curvature_report, dense_matrix, hessian_operator, hessian_trace, hutchinson_trace, lanczos, power_iteration,
-    top_eigenvalue, top_eigenvalue_weighted,
+    CurvatureReport, ExtremeEigenvalues, TraceEstimate, curvature_report, hessian_trace, hutchinson_trace, lanczos,
+    power_iteration, top_eigenvalue, top_eigenvalue_weighted,
 )
-from polycats.diagnostics.gradients import (
-    GradientSimilarity, SimilarityTable, combine_losses, gradient_similarity, translation_loss,
-)
+from polycats.diagnostics.gradients import GradientSimilarity, SimilarityTable, gradient_similarity
 from polycats.diagnostics.model_summary import DiagnosticSettings, analyze_model
+from polycats.ops.hessian import DoubleBackwardHVP, ForwardOverReverseHVP, HessianOperator, dense_matrix, hessian_operator
+from polycats.ops.losses import combine_losses, translation_loss
 
 __all__ = [
     "CurvatureReport", "DiagnosticSettings", "DoubleBackwardHVP", "ExtremeEigenvalues", "ForwardOverReverseHVP",

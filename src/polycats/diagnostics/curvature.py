@@ -1,19 +1,10 @@
 """Curvature of a loss: Hessian-vector products, extreme eigenvalues and the Hessian trace.
 
-Operators are separate from algorithms (as in hessian-eigenthings):
-
-* a :class:`HessianOperator` is anything with ``size`` (the number of selected parameters ``P``),
-  ``dtype``, ``device`` and ``matvec(v: Tensor[P]) -> Tensor[P]`` (``H v``). Two implementations:
-  :class:`DoubleBackwardHVP` (``autograd.grad`` of the gradient against ``v``; the first-order
-  graph is built once and reused by every product) and :class:`ForwardOverReverseHVP`
-  (``torch.func.jvp`` of ``torch.func.grad`` over ``torch.func.functional_call``; one forward and
-  backward per product). Both run the model under ``sdpa_kernel(SDPBackend.MATH)``: the fused
-  CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``) has neither a double
-  backward nor a forward-mode derivative, and both operators fail without it.
-* algorithms take an operator: :func:`power_iteration`, :func:`lanczos` (plain Lanczos for the
-  top end, the default; ARPACK through ``scipy.sparse.linalg.eigsh`` for both ends),
-  :func:`hutchinson_trace`. Vectors live in float64 on the
-  algorithm side and are cast to the operator's dtype only for the product.
+Algorithms separate from operators (as in hessian-eigenthings): they take any
+:class:`~polycats.ops.hessian.HessianOperator` (``polycats.ops.hessian``): :func:`power_iteration`,
+:func:`lanczos` (plain Lanczos for the top end, the default; ARPACK through
+``scipy.sparse.linalg.eigsh`` for both ends), :func:`hutchinson_trace`. Vectors live in float64 on
+the algorithm side and are cast to the operator's dtype only for the product.
 
 Eigenvalue labels (the Hessian is indefinite; early in training its spectrum can be dominated by
 a negative eigenvalue):
@@ -53,206 +44,16 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from polycats.diagnostics.gradients import (
-    LossClosure,
-    ParameterFilter,
-    combine_losses,
-    eval_mode,
-    mean_loss,
-    select_parameters,
-)
-
-# --------------------------------------------------------------------------- operators
-
-
-@runtime_checkable
-class HessianOperator(Protocol):
-    """``v -> H v`` for the Hessian ``H`` of one loss w.r.t. ``size`` flattened parameters."""
-
-    size: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def matvec(self, v: Tensor) -> Tensor: ...
-
-
-@contextlib.contextmanager
-def _second_order_context(model: nn.Module, use_eval_mode: bool) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        if use_eval_mode:
-            stack.enter_context(eval_mode(model))
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        yield
-
-
-class _ParameterOperator:
-    """What both operators share: the selected parameters and the flat layout."""
-
-    def __init__(
-        self, model: nn.Module, loss: LossClosure, parameters: ParameterFilter | None, use_eval_mode: bool
-    ):
-        named = select_parameters(model, parameters)
-        if not named:
-            raise ValueError("no trainable parameter selected")
-        self.model = model
-        self.loss = loss
-        self.use_eval_mode = use_eval_mode
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        self.shapes = [p.shape for p in self.params]
-        self.size = sum(p.numel() for p in self.params)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
-        self.matvecs = 0
-
-    def _split(self, v: Tensor) -> list[Tensor]:
-        if v.shape != (self.size,):
-            raise ValueError(f"expected a vector of {self.size} entries, got shape {tuple(v.shape)}")
-        v = v.to(dtype=self.dtype, device=self.device)
-        return [piece.view(shape) for piece, shape in zip(v.split([s.numel() for s in self.shapes]), self.shapes)]
-
-    def _flatten(self, pieces: Sequence[Tensor | None]) -> Tensor:
-        return torch.cat(
-            [
-                torch.zeros(p.numel(), dtype=self.dtype, device=self.device) if g is None else g.reshape(-1)
-                for p, g in zip(self.params, pieces)
-            ]
-        )
-
-
-class DoubleBackwardHVP(_ParameterOperator):
-    """``H v = d(g . v)/d theta`` by a second backward pass through the gradient's graph.
-
-    reuse_graph: build the gradient (with ``create_graph=True``) once and keep its graph for every
-    product (PyHessian's choice: one backward-of-backward per product, at the memory cost of the
-    retained graph). ``False`` recomputes the forward and first backward for each product.
-
-    With a reused graph the operator is a snapshot of the parameters at its first product: build
-    a new one after an optimiser step (autograd raises if the parameters were changed in place).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossClosure,
-        *,
-        parameters: ParameterFilter | None = None,
-        use_eval_mode: bool = True,
-        reuse_graph: bool = True,
-    ):
-        super().__init__(model, loss, parameters, use_eval_mode)
-        self.reuse_graph = reuse_graph
-        self._grads: list[Tensor | None] | None = None
-
-    def _gradient_graph(self) -> list[Tensor | None]:
-        with _second_order_context(self.model, self.use_eval_mode):
-            value = mean_loss(self.loss())
-            grads = torch.autograd.grad(value, self.params, create_graph=True, allow_unused=True)
-        # A gradient without a graph is constant in theta: its Hessian rows are zero.
-        return [g if g is not None and g.requires_grad else None for g in grads]
-
-    def matvec(self, v: Tensor) -> Tensor:
-        pieces = self._split(v)
-        if self.reuse_graph:
-            if self._grads is None:
-                self._grads = self._gradient_graph()
-            grads = self._grads
-        else:
-            grads = self._gradient_graph()
-        live = [i for i, g in enumerate(grads) if g is not None]
-        products: list[Tensor | None] = [None] * len(self.params)
-        if live:
-            with sdpa_kernel(SDPBackend.MATH):
-                hv = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    self.params,
-                    grad_outputs=[pieces[i] for i in live],
-                    retain_graph=self.reuse_graph,
-                    allow_unused=True,
-                )
-            products = list(hv)
-        self.matvecs += 1
-        return self._flatten(products).detach()
-
-    def release(self) -> None:
-        """Drop the retained graph (it is rebuilt on the next product)."""
-        self._grads = None
-
-
-class _ClosureModule(nn.Module):
-    """Lets ``functional_call`` swap the parameters that a closure's model uses."""
-
-    def __init__(self, model: nn.Module, loss: LossClosure):
-        super().__init__()
-        self.model = model
-        self.loss = loss
-
-    def forward(self) -> Tensor:
-        return mean_loss(self.loss())
-
-
-class ForwardOverReverseHVP(_ParameterOperator):
-    """``H v`` as ``jvp(grad(L), (theta,), (v,))`` with ``torch.func``; one forward and one
-    reverse pass, both carrying forward-mode tangents, per product."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossClosure,
-        *,
-        parameters: ParameterFilter | None = None,
-        use_eval_mode: bool = True,
-    ):
-        super().__init__(model, loss, parameters, use_eval_mode)
-        self._wrapper = _ClosureModule(model, loss)
-
-    def _loss_of(self, params: dict[str, Tensor]) -> Tensor:
-        return torch.func.functional_call(self._wrapper, params, ())
-
-    def matvec(self, v: Tensor) -> Tensor:
-        pieces = self._split(v)
-        primals = {f"model.{name}": p.detach() for name, p in zip(self.names, self.params)}
-        tangents = {f"model.{name}": piece for name, piece in zip(self.names, pieces)}
-        with _second_order_context(self.model, self.use_eval_mode):
-            _, hv = torch.func.jvp(torch.func.grad(self._loss_of), (primals,), (tangents,))
-        self.matvecs += 1
-        return self._flatten([hv[key] for key in primals]).detach()
-
-
-HVP_METHODS: dict[str, type[_ParameterOperator]] = {
-    "double_backward": DoubleBackwardHVP,
-    "forward_over_reverse": ForwardOverReverseHVP,
-}
-#: The faster operator in our benchmark (see the module docstring).
-DEFAULT_HVP = "double_backward"
-
-
-def hessian_operator(
-    model: nn.Module,
-    loss: LossClosure,
-    *,
-    hvp: str = DEFAULT_HVP,
-    parameters: ParameterFilter | None = None,
-    use_eval_mode: bool = True,
-) -> HessianOperator:
-    """The Hessian operator of ``loss`` w.r.t. ``model``'s selected parameters.
-
-    hvp: ``"double_backward"`` or ``"forward_over_reverse"``.
-    """
-    if hvp not in HVP_METHODS:
-        raise ValueError(f"hvp must be one of {sorted(HVP_METHODS)}, not {hvp!r}")
-    return HVP_METHODS[hvp](model, loss, parameters=parameters, use_eval_mode=use_eval_mode)
+from polycats.ops.hessian import DEFAULT_HVP, HessianOperator, hessian_operator, matvec64
+from polycats.ops.losses import LossClosure, ParameterFilter, combine_losses
 
 
 class _Observed:
@@ -278,17 +79,6 @@ class _Shifted:
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.op.matvec(v) - self.shift * v.to(self.dtype)
-
-
-def dense_matrix(op: HessianOperator) -> Tensor:
-    """The full ``[P, P]`` float64 matrix, one product per column (small operators only)."""
-    eye = torch.eye(op.size, dtype=torch.float64)
-    return torch.stack([_apply(op, eye[i]) for i in range(op.size)], dim=1)
-
-
-def _apply(op: HessianOperator, v: Tensor) -> Tensor:
-    """``op.matvec`` with float64 CPU vectors on the algorithm side."""
-    return op.matvec(v.to(dtype=op.dtype, device=op.device)).to(dtype=torch.float64, device="cpu")
 
 
 # --------------------------------------------------------------------------- results
@@ -363,7 +153,7 @@ def _power(
     previous: float | None = None
     theta = 0.0
     for step in range(1, max_iter + 1):
-        hv = _apply(op, v)
+        hv = matvec64(op, v)
         theta = float(v @ hv)
         norm = float(hv.norm())
         if norm == 0:  # v is in the null space of op
@@ -464,7 +254,7 @@ def _top_lanczos(op: HessianOperator, v: Tensor, tol: float, max_iter: int) -> t
         if k == basis.shape[0]:  # grow the basis storage (rows are kept)
             basis.resize_(min(2 * k, steps), op.size)
         basis[k] = v
-        w = _apply(op, v)
+        w = matvec64(op, v)
         alphas.append(float(v @ w))
         # The three-term recurrence, then one pass of full reorthogonalisation, repeated only
         # when that pass removed most of w (the DGKS test): the basis is swept about once per
@@ -553,7 +343,7 @@ def lanczos(
     def matvec(x: np.ndarray) -> np.ndarray:
         nonlocal matvecs
         matvecs += 1
-        return _apply(op, torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))).numpy()
+        return matvec64(op, torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))).numpy()
 
     settings: dict[str, object] = {"tol": tol, "max_iter": max_iter, "ncv": ncv, "seed": seed, "ends": ends}
     if op.size < 3:  # ARPACK needs k < P; a 1x1 or 2x2 Hessian is cheaper to write down
@@ -592,7 +382,7 @@ def hutchinson_trace(op: HessianOperator, *, samples: int = 100, seed: int = 0) 
     values = []
     for _ in range(samples):
         v = torch.randint(0, 2, (op.size,), generator=generator).to(torch.float64) * 2 - 1
-        values.append(float(v @ _apply(op, v)))
+        values.append(float(v @ matvec64(op, v)))
     array = np.asarray(values)
     return TraceEstimate(
         trace=float(array.mean()),

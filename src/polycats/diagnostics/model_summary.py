@@ -20,8 +20,9 @@ import torch
 from polycats.data.batching import sample_batch
 from polycats.data.prepare import PAD, PreparedData
 from polycats.diagnostics.curvature import ExtremeEigenvalues, curvature_report
-from polycats.diagnostics.gradients import LossClosure, gradient_similarity, translation_loss
+from polycats.diagnostics.gradients import gradient_similarity
 from polycats.model.transformer import Transformer
+from polycats.ops.losses import LossClosure, translation_loss
 
 
 class DiagnosticsNotConvergedWarning(UserWarning):

@@ -32,18 +32,20 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, CurvatureProbe, TaskStats
-from polycats.balance.task_gradients import TaskLoss, accumulate_into_grad, gradient_dtype, per_task_gradients
-from polycats.balance.task_split import TaskSplit
+from polycats.balance.base import BalancerContext
 from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch
 from polycats.data.prepare import PAD, PreparedData, prepare
 from polycats.data.sampling import SamplingSchedule
-from polycats.diagnostics.curvature import hessian_operator
 from polycats.diagnostics.model_summary import combined_weights, training_diagnostics
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_text, remove_stale_temp_files
 from polycats.model.transformer import Transformer
+from polycats.ops.hessian import hessian_operator
+from polycats.ops.task_gradients import (
+    CurvatureProbe, TaskLoss, TaskStats, accumulate_into_grad, gradient_dtype, per_task_gradients,
+)
+from polycats.ops.task_split import TaskSplit
 from polycats.run.build import build_balancer, build_model, resolve_device, set_threads
 from polycats.run.checkpoint import load_latest, save_checkpoint, save_rotating
 from polycats.run.directory import RunDir, RunLock, config_differences, summarise, with_current_defaults

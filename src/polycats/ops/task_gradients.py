@@ -1,29 +1,49 @@
-"""Per-task gradients from loss closures: the library path for any model and any loss.
+"""Per-task gradients ``G`` ``[K, P]`` and what one step knows about its tasks (:class:`TaskStats`):
+the gradient layer below both the balancers and the diagnostics.
 
-(The trainer gets the same ``G`` from one pass over the whole batch,
-:mod:`polycats.balance.task_split`, for the model types it can hook.) Each task's sub-batch gets
-its own forward and backward pass (so only one task's activations are alive at a time); its
-flattened gradient becomes one row of ``G`` ``[K, P]``. Because each ``g_i`` is the gradient of
-task ``i``'s *contribution* to the usual loss, ``sum_i g_i`` is exactly the usual full-batch
-gradient: the passes together process the batch once, plus the fixed cost of each extra pass and
-the memory for ``G``. The balancer turns ``G`` into one direction, which is accumulated into
-``.grad`` so any optimiser can step on it.
+:func:`per_task_gradients` runs one loss closure and backward pass per task (any model, any
+loss; :class:`~polycats.ops.task_split.TaskSplit` gets the same ``G`` from one pass for the
+model types it hooks). Each row is the gradient of task ``i``'s *contribution* to the usual loss,
+so ``Σ_i g_i`` is the usual gradient.
 
-Use it in a plain PyTorch loop::
-
-    stats = backward_per_task(model.parameters(), [lambda: loss_de(), lambda: loss_sw()], balancer)
-    optimizer.step()
+>>> import torch
+>>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+>>> stats = per_task_gradients([w], [lambda: (w * w).sum(), None, lambda: TaskLoss(w[0], mean=3.0, tokens=2)])
+>>> stats.grads.tolist(), stats.losses.tolist(), stats.tokens.tolist()
+([[2.0, 4.0], [0.0, 0.0], [1.0, 0.0]], [5.0, 0.0, 3.0], [1.0, 0.0, 2.0])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from polycats.balance.base import Balancer, TaskStats
+CurvatureProbe = Callable[[Tensor], float]
+"""``d -> dᵀHd / ‖d‖²`` for a flat direction ``d`` in the layout of the gradient rows."""
+
+
+@dataclass
+class TaskStats:
+    """What one step knows about its tasks.
+
+    losses:    ``[K]`` mean token loss ``L_i`` of each task (0 where the task is absent);
+    tokens:    ``[K]`` target tokens ``n_i`` of each task (0 where absent);
+    grads:     ``[K, P]`` flattened ``g_i`` (zero rows for absent tasks), or None;
+    curvature: the curvature probe on the batches these statistics come from, when planned.
+    """
+
+    losses: Tensor
+    tokens: Tensor
+    grads: Tensor | None = None
+    curvature: CurvatureProbe | None = None
+
+    @property
+    def present(self) -> Tensor:
+        return self.tokens > 0
+
 
 
 @dataclass
@@ -138,16 +158,3 @@ def per_task_gradients(params: Sequence[Tensor], closures: Sequence[TaskClosure 
         losses[i] = float(task.loss.detach()) if task.mean is None else float(task.mean)
         tokens[i] = task.tokens
     return TaskStats(losses=losses, tokens=tokens, grads=grads)
-
-
-def backward_per_task(
-    params: Iterable[Tensor], closures: Sequence[TaskClosure | None], balancer: Balancer
-) -> TaskStats:
-    """Per-task backward passes, then the balancer's combined direction accumulated into ``.grad``.
-
-    Returns the step's :class:`TaskStats` (losses, tokens, per-task gradients) for logging.
-    """
-    params = [p for p in params if p.requires_grad]
-    stats = per_task_gradients(params, closures)
-    accumulate_into_grad(params, balancer.combine(stats))
-    return stats

@@ -8,7 +8,7 @@ fixed cost of one pass per task (costs: ``docs/performance.md``). Supported: ``n
 ``nn.LayerNorm`` (affine), ``nn.Embedding`` and weights passed to a :class:`TiedProjection`;
 activations ``[rows, positions, features]`` with rows sorted by task, or ``[tokens, features]``.
 :meth:`TaskSplit.supports` says whether a model qualifies; the trainer falls back to one pass
-per task sub-batch (:func:`polycats.balance.task_gradients.per_task_gradients`) otherwise.
+per task sub-batch (:func:`polycats.ops.task_gradients.per_task_gradients`) otherwise.
 """
 
 from __future__ import annotations
