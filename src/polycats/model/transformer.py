@@ -74,7 +74,7 @@ class Dropout(nn.Module):
 
 class TiedProjection(nn.Module):
     """``F.linear(states, weight)`` as a module, so that hooks see the output projection (its
-    weight belongs to the embeddings; see ``polycats.balance.task_split``)."""
+    weight belongs to the embeddings; see ``polycats.ops.task_split``)."""
 
     def forward(self, states: Tensor, weight: Tensor) -> Tensor:
         return F.linear(states, weight)
