@@ -80,3 +80,36 @@ def test_periodic_diagnostics_are_logged_without_changing_training(tmp_path):
     assert all("cosine/HiRes-LoRes" in e and "lambda_max/combined" in e for e in events)
     strip = lambda run: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in read_metrics(run) if e["event"] != "diagnostics"]  # noqa: E731
     assert strip(plain) == strip(logged)
+
+
+def test_one_checkpoint_is_merged_into_a_full_analysis_and_a_rerun_resumes(tiny_run, monkeypatch):
+    """Issue 17 item 12: results are keyed by update; `--checkpoint last` replaces one row and
+    keeps the rest (and the curves figure); rerunning a finished analysis recomputes nothing."""
+    from polycats.diagnostics import analyze
+
+    settings = DiagnosticSettings(sentences=4, tol=1e-2, max_iter=30)
+    analyze_run(tiny_run, settings=settings)
+    calls = []
+    real = analyze.analyze_model
+    monkeypatch.setattr(analyze, "analyze_model", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    summary = analyze_run(tiny_run, settings=settings)
+    assert calls == [] and [row["update"] for row in summary["checkpoints"]] == [2, 4]
+    (tiny_run / "analysis" / "curves.png").unlink()
+    summary = analyze_run(tiny_run, "last", settings=DiagnosticSettings(sentences=4, tol=1e-2, max_iter=20))
+    assert len(calls) == 1
+    assert [(row["update"], row["settings"]["max_iter"]) for row in summary["checkpoints"]] == [(2, 30), (4, 20)]
+    assert json.loads((tiny_run / "analysis" / "summary.json").read_text())["checkpoints"] == summary["checkpoints"]
+    assert (tiny_run / "analysis" / "curves.png").exists()  # drawn again from both rows
+
+
+def test_analyze_and_translate_use_the_thread_setting(tiny_run, monkeypatch):
+    """Issue 17 item 14: train.threads of the run, or the explicit threads argument (--threads)."""
+    import torch
+
+    from polycats.evaluate.run import translate_lines
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    analyze_run(tiny_run, "last", settings=DiagnosticSettings(sentences=4, tol=1e-2, max_iter=30, include_tasks=False), threads=1)
+    translate_lines(tiny_run, ["x"], "de", "en", threads=2)
+    assert threads == [1, 2]

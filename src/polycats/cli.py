@@ -30,6 +30,7 @@ state = {"debug": False}
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/demo.yaml")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set train.max_updates=20")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: train.device of the config)")]
+ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=0, help="CPU threads (default: train.threads of the run's config; 0: torch's default)")]
 
 
 def require_writable(directory: Path, option: str) -> None:
@@ -111,13 +112,14 @@ def evaluate(
     split: Annotated[str, typer.Option(help="valid or test")] = "test",
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last (default: eval.checkpoint)")] = None,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Decode a split, score BLEU/chrF per direction, write RUN_DIR/eval/<split>.json."""
     from polycats.evaluate.run import evaluate_run
     from polycats.evaluate.scoring import render_table
 
     require_writable_run(run_dir, "eval/")
-    report = evaluate_run(run_dir, split, checkpoint, device)
+    report = evaluate_run(run_dir, split, checkpoint, device, threads)
     console.print(render_table(report, title=f"{run_dir} — {split}"))
     console.print(f"written: {Path(run_dir) / 'eval' / f'{split}.json'}")
 
@@ -129,6 +131,7 @@ def translate(
     tgt_lang: Annotated[str, typer.Option("--tgt-lang", help="target language code")],
     checkpoint: Annotated[Optional[str], typer.Option(help="best or last")] = None,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Translate stdin to stdout, one sentence per line."""
     from polycats.config import LANGUAGE_CODE
@@ -149,7 +152,7 @@ def translate(
         lines.pop()
     from polycats.evaluate.run import translate_lines
 
-    for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint, device):
+    for output in translate_lines(run_dir, lines, src_lang, tgt_lang, checkpoint, device, threads):
         sys.stdout.write(output + "\n")
 
 
@@ -167,6 +170,7 @@ def analyze(
     tasks: Annotated[bool, typer.Option("--tasks/--groups-only", help="an eigenvalue per task too, or only per group "
                                         "and combined (3 solves instead of K + 3: the Fig 5 curves)")] = True,
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
     from rich.table import Table
@@ -179,7 +183,7 @@ def analyze(
         raise PolycatsError(f"--tol must be a number in (0, 1), e.g. 1e-4, not {tol}")
     require_writable_run(run_dir, "analysis/")
     settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter, include_tasks=tasks)
-    summary = analyze_run(run_dir, checkpoint, settings, device=device)
+    summary = analyze_run(run_dir, checkpoint, settings, device=device, threads=threads)
     rows = summary["checkpoints"]
     keys = sorted({k for row in rows for k, v in row.items() if k != "update" and not isinstance(v, dict)})
     table = Table(title=f"{run_dir} — diagnostics (λ_max: largest algebraic Hessian eigenvalue)")

@@ -4,6 +4,7 @@ checkpoint of a run or every saved snapshot (the Fig 5 curves), written to ``RUN
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from polycats.diagnostics.model_summary import DiagnosticSettings, analyze_model
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
 from polycats.report.figures import similarity_heatmap, training_curves
-from polycats.run.build import build_balancer, build_model, resolve_device
+from polycats.run.build import build_balancer, build_model, resolve_device, set_threads
 from polycats.run.checkpoint import load_checkpoint
 from polycats.run.directory import RunDir
 
@@ -39,6 +40,7 @@ def analyze_run(
     settings: DiagnosticSettings = DiagnosticSettings(),
     progress: bool | None = None,
     device: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Analyse one checkpoint (``best``, ``last`` or a path) or, by default, every snapshot.
 
@@ -47,10 +49,11 @@ def analyze_run(
     the numbers, plus ``converged`` and ``matvecs`` per eigenvalue; a solve that did not converge
     also gives a :class:`DiagnosticsNotConvergedWarning`. ``progress``: a progress bar per
     snapshot and per solve (default: when stdout is a terminal). ``device``: auto, cpu or cuda
-    (default: the run's ``train.device``).
+    (default: the run's ``train.device``); ``threads``: CPU threads (default: ``train.threads``).
     """
     run = RunDir(run_dir)
     config = run.config()
+    set_threads(config.train.threads if threads is None else threads)
     target_device = resolve_device(device or config.train.device)  # --device, else train.device; before anything is written
     data = run.prepared(config)
     if checkpoint is None:
@@ -63,7 +66,11 @@ def analyze_run(
     sampling = SamplingSchedule.from_config(config.sampling, data.task_table)  # as the trainer samples
     out = run.path / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    curves, curvature_all = [], {}
+    # Results are keyed by update and merged with earlier calls: `--checkpoint last` after a full
+    # analysis adds or replaces one row, and an interrupted analysis of every snapshot resumes.
+    rows, curvature_all = previous_results(out)
+    done = {update for update, row in rows.items() if row.get("settings") == settings.__dict__} if checkpoint is None else set()
+    targets = [(update, path) for update, path in targets if update not in done]
     model = build_model(config, data.vocab_size).to(target_device)
     with progress_bar(sys.stdout.isatty() if progress is None else progress) as bar:
         snapshots = bar.add_task("checkpoints", total=len(targets), status="")
@@ -91,13 +98,31 @@ def analyze_run(
             result["similarity"].write_json(out / f"similarity_{update:06d}.json")
             result["similarity"].write_csv(out / f"similarity_{update:06d}.csv")
             curvature_all[str(update)] = result["curvature"].to_dict()
-            curves.append({"update": update, **result["summary"],
-                           "converged": result["converged"], "matvecs": result["matvecs"]})
+            rows[update] = {"update": update, **result["summary"], "converged": result["converged"],
+                            "matvecs": result["matvecs"], "settings": settings.__dict__}
             similarity_heatmap(result["similarity"], out / f"similarity_{update:06d}.png", title=f"{config.name} update {update}")
+            summary = write_results(out, run.path, settings, rows, curvature_all)  # after each one: a kill loses one point
             bar.advance(snapshots)
-    summary = {"run": str(run.path), "settings": settings.__dict__, "checkpoints": curves}
-    atomic_write_json(out / "curvature.json", curvature_all)
-    atomic_write_json(out / "summary.json", summary)
+    summary = write_results(out, run.path, settings, rows, curvature_all)
+    curves = summary["checkpoints"]
     if len(curves) > 1:
         training_curves({config.name: curves}, out / "curves.png")
+    return summary
+
+
+def previous_results(out: Path) -> tuple[dict[int, dict], dict[str, dict]]:
+    """The rows of an earlier ``summary.json`` by update, and its ``curvature.json``."""
+    try:
+        rows = {int(row["update"]): row for row in json.loads((out / "summary.json").read_text())["checkpoints"]}
+        curvature = json.loads((out / "curvature.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, {}  # none yet, or unreadable: start afresh (it is rewritten whole, atomically)
+    return rows, curvature
+
+
+def write_results(out: Path, run_path: Path, settings: DiagnosticSettings, rows: dict[int, dict],
+                  curvature: dict[str, dict]) -> dict:
+    summary = {"run": str(run_path), "settings": settings.__dict__, "checkpoints": [rows[u] for u in sorted(rows)]}
+    atomic_write_json(out / "curvature.json", curvature)
+    atomic_write_json(out / "summary.json", summary)
     return summary

@@ -49,10 +49,11 @@ def translate_ids(model: Transformer, sources: list, config: Config, banned: lis
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """``threads``: CPU threads (default: the run's ``train.threads``)."""
     run = RunDir(run_dir)
     config = run.config()
-    set_threads(config.train.threads)
+    set_threads(config.train.threads if threads is None else threads)
     if split not in ("valid", "test"):
         raise PolycatsError(f"--split must be valid or test, not '{split}'")
     data = run.prepared(config)
@@ -77,9 +78,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
 
 
 def translate_lines(run_dir: str | Path, lines: list[str], src_lang: str, tgt_lang: str, checkpoint: str | None = None,
-                    device: str | None = None) -> list[str]:
+                    device: str | None = None, threads: int | None = None) -> list[str]:
     run = RunDir(run_dir)
     config = run.config()
+    set_threads(config.train.threads if threads is None else threads)
     data: PreparedData = run.prepared(config)
     task = f"{src_lang}-{tgt_lang}"
     if task not in data.tasks:
