@@ -253,3 +253,33 @@ def test_temperature_probabilities():
     assert temperature_probabilities(sizes, 1.0) == pytest.approx({"a": 100 / 111, "b": 10 / 111, "c": 1 / 111})
     uniform = temperature_probabilities(sizes, 1e9)
     assert np.allclose(list(uniform.values()), 1 / 3)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "missing", "meta"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, damage):
+    """Issue 17 item 3: every file of an entry has a checksum in meta.json; a corrupt, foreign or
+    missing shard (or an unreadable meta.json) is found before use and the entry is rebuilt."""
+    import torch
+
+    first = prepare(synthetic(), tmp_path)
+    expected = first.split("train")["de-en"].src[0].tolist()
+    shard = first.root / "train.pt"
+    if damage == "garbage":
+        shard.write_bytes(b"\x80\x02 not a torch file" * 8)
+    elif damage == "foreign":
+        torch.save({"de-en": {"src": torch.zeros(3)}}, shard)
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (first.root / "meta.json").write_text("{")
+    with pytest.warns(prepare_module.PreparedDataWarning, match="rebuilding it"):
+        again = prepare(synthetic(), tmp_path)
+    assert again.root == first.root and again.split("train")["de-en"].src[0].tolist() == expected
+    assert prepare_module.damage(again.root) is None
+
+
+def test_a_damaged_shard_that_escapes_the_check_is_a_one_line_error(tmp_path):
+    data = prepare(synthetic(), tmp_path)
+    (data.root / "valid.pt").write_bytes(b"garbage")
+    with pytest.raises(PolycatsError, match=r"valid\.pt: the prepared data is damaged or not ours .*delete .* and run again"):
+        prepare_module.PreparedData(data.root).split("valid")

@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json holds a checksum of every file
 EVAL_TOKEN_LIMIT = 1024  # valid/test sentences are cut to this many pieces (the model has 4096 positions)
 TOKENIZER_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length
 
@@ -158,7 +159,11 @@ class PreparedData:
 
     def split(self, name: str) -> dict[str, TaskArrays]:
         if name not in self._splits:
-            shards = torch.load(self.root / f"{name}.pt", weights_only=True)
+            try:
+                shards = torch.load(self.root / f"{name}.pt", weights_only=True)
+            except Exception as error:  # torch raises several types for a damaged or foreign file
+                raise PolycatsError(f"{self.root / f'{name}.pt'}: the prepared data is damaged or not ours "
+                                    f"({type(error).__name__}); delete {self.root} and run again") from None
             self._splits[name] = {task: TaskArrays(unpack(s["src"]), unpack(s["tgt"])) for task, s in shards.items()}
         return self._splits[name]
 
@@ -244,8 +249,43 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
         "sizes": sizes,
         "vocab_size": tokenizer.get_piece_size(),
         "notes": corpus.notes,
+        "checksums": file_checksums(directory),
     }
     atomic_write_json(directory / "meta.json", meta)
+
+
+class PreparedDataWarning(UserWarning):
+    """A damaged prepared-data cache entry was found and is being rebuilt."""
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a prepared directory but meta.json (which holds them)."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.iterdir()) if path.is_file() and path.name != "meta.json"}
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with a prepared directory, or None when every file matches its checksum."""
+    try:
+        expected = json.loads((directory / "meta.json").read_text())["checksums"]
+        found = file_checksums(directory)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable meta.json or files ({type(error).__name__})"
+    wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    return f"{', '.join(wrong)} changed since it was built" if wrong else None
+
+
+def usable(directory: Path) -> bool:
+    """True for an intact prepared directory; a damaged one is removed (with a warning) so that
+    it is rebuilt."""
+    if not (directory / "meta.json").exists():
+        return False
+    problem = damage(directory)
+    if problem is None:
+        return True
+    warnings.warn(f"prepared data {directory}: {problem}; rebuilding it", PreparedDataWarning, stacklevel=3)
+    shutil.rmtree(directory, ignore_errors=True)
+    return False
 
 
 SOURCE_INDEX = ".by-source"  # in the cache root: input files' stat → the key of their prepared directory
@@ -280,7 +320,7 @@ def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
             directory = root / json.loads(index.read_text())["key"]
         except (OSError, ValueError, KeyError, TypeError):
             directory = None  # a damaged index entry is rewritten below
-        if directory is not None and (directory / "meta.json").exists():
+        if directory is not None and usable(directory):
             return PreparedData(directory)
     corpus = read_corpus(config)
     # sort_keys loses the order of data.languages, which is the task order: "tasks" keeps it.
@@ -288,7 +328,7 @@ def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
                              "corpus": corpus_digest(corpus), "format": FORMAT_VERSION}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
     directory = root / key
-    if not (directory / "meta.json").exists():
+    if not usable(directory):
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
         try:
