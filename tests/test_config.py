@@ -267,3 +267,14 @@ def test_fingerprint_tracks_only_its_sections(tmp_path):
     assert a.fingerprint(("data",)) == b.fingerprint(("data",))
     assert a.fingerprint(("data",)) != c.fingerprint(("data",))
     assert a.fingerprint(("train",)) != b.fingerprint(("train",))
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    """Issue 17 item 8: a run's config.yaml names the corpus from any working directory."""
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict({"data": {"source": "text", "path": "corpus", "languages": {"de": 10}}})
+    assert config.data.path == tmp_path / "corpus"
+    assert config.model_dump(mode="json")["data"]["path"] == str(tmp_path / "corpus")
+    home = config_from_dict({"data": {"source": "text", "path": "~/corpus", "languages": {"de": 10}}})
+    assert home.data.path.is_absolute() and "~" not in str(home.data.path)

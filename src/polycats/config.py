@@ -106,6 +106,12 @@ class DataConfig(Section):
     def pivot_code(cls, value: str) -> str:
         return check_language_code(value, "pivot")
 
+    @field_validator("path")
+    @classmethod
+    def absolute_path(cls, value: Path | None) -> Path | None:
+        # Stored absolute: a run's config.yaml must name the same corpus from any working directory.
+        return None if value is None else value.expanduser().absolute()
+
     @model_validator(mode="after")
     def pivot_not_a_language(self) -> DataConfig:
         if self.pivot in self.languages:
