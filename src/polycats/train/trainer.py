@@ -438,40 +438,50 @@ class Trainer:
                 self.state.skipped_in_a_row = 0
                 self.state.update += 1
                 window_tokens += batch.target_tokens
-                if self.state.update % t.log_every == 0 or self.state.update == t.max_updates:
-                    elapsed = time.perf_counter() - window_start
-                    values = {
-                        **self.totals.summary("train_nll", self.tasks, self.groups),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": step["grad_norm"],
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),  # wall clock: the one inexact value
-                        **self.balancer.log_values(),
-                    }
-                    metrics.log("train", self.state.update, values)
-                    self.totals.reset()
+                update, last = self.state.update, self.state.update == t.max_updates
+                if update % t.log_every == 0 or last:
+                    values = self.log_training(metrics, step["grad_norm"], window_tokens, time.perf_counter() - window_start)
                     window_tokens, window_start = 0, time.perf_counter()
                     progress.update(task_id, status=f"nll {values.get('train_nll', float('nan')):.2f} · {values['tokens_per_s']:,.0f} tok/s")
-                progress.update(task_id, completed=self.state.update)
-                if t.diagnostics_every and (self.state.update % t.diagnostics_every == 0 or self.state.update == 1):
-                    metrics.log("diagnostics", self.state.update, self.diagnostics())
-                if self.state.update % t.valid_every == 0 or self.state.update == t.max_updates:
-                    self.state.last_valid = self.validate()
-                    improved = self.state.last_valid["valid_nll"] < self.state.best_valid
-                    if improved:
-                        self.state.best_valid, self.state.bad_validations = self.state.last_valid["valid_nll"], 0
-                        save_checkpoint({"model": self.model.state_dict(), "update": self.state.update}, self.run.checkpoints / "best.pt")
-                    else:
-                        self.state.bad_validations += 1
-                    metrics.log("valid", self.state.update, {**self.state.last_valid, "best_valid_nll": self.state.best_valid})
-                    if not self.show_progress:
-                        print(f"update {self.state.update}/{t.max_updates}  valid_nll {self.state.last_valid['valid_nll']:.3f}  "
-                              f"best {self.state.best_valid:.3f}", flush=True)
-                    stopped_early = t.patience > 0 and self.state.bad_validations >= t.patience
-                    if stopped_early:  # logged before the checkpoint, so a resume never logs it twice
-                        metrics.log("early_stop", self.state.update, {"bad_validations": self.state.bad_validations})
-                if self.state.update % t.save_every == 0 or self.state.update == t.max_updates or stopped_early:
+                progress.update(task_id, completed=update)
+                if t.diagnostics_every and (update % t.diagnostics_every == 0 or update == 1):
+                    metrics.log("diagnostics", update, self.diagnostics())
+                if update % t.valid_every == 0 or last:
+                    stopped_early = self.validation_round(metrics)
+                if update % t.save_every == 0 or last or stopped_early:
                     self.save(metrics)
         return self.state.last_valid
+
+    def log_training(self, metrics: MetricsLog, grad_norm: float, tokens: int, seconds: float) -> dict[str, float]:
+        """Log the window since the last ``train`` event (then start a new one); returns the values."""
+        values = {
+            **self.totals.summary("train_nll", self.tasks, self.groups),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(seconds, 1e-9),  # wall clock: the one inexact value
+            **self.balancer.log_values(),
+        }
+        metrics.log("train", self.state.update, values)
+        self.totals.reset()
+        return values
+
+    def validation_round(self, metrics: MetricsLog) -> bool:
+        """Validate, keep ``best.pt`` when it improved, log; True when patience has run out."""
+        state, t = self.state, self.config.train
+        state.last_valid = self.validate()
+        if state.last_valid["valid_nll"] < state.best_valid:
+            state.best_valid, state.bad_validations = state.last_valid["valid_nll"], 0
+            save_checkpoint({"model": self.model.state_dict(), "update": state.update}, self.run.checkpoints / "best.pt")
+        else:
+            state.bad_validations += 1
+        metrics.log("valid", state.update, {**state.last_valid, "best_valid_nll": state.best_valid})
+        if not self.show_progress:
+            print(f"update {state.update}/{t.max_updates}  valid_nll {state.last_valid['valid_nll']:.3f}  "
+                  f"best {state.best_valid:.3f}", flush=True)
+        stopped_early = t.patience > 0 and state.bad_validations >= t.patience
+        if stopped_early:  # logged before the checkpoint, so a resume never logs it twice
+            metrics.log("early_stop", state.update, {"bad_validations": state.bad_validations})
+        return stopped_early
 
     def skip(self, batch: Batch, reason: str, metrics: MetricsLog) -> None:
         """Count and log a skipped update; after MAX_SKIPPED_IN_A_ROW, save the last good state and stop."""
