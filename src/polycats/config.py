@@ -126,6 +126,10 @@ class DataConfig(Section):
             return [f"{lang}-{self.pivot}" for lang in self.languages]
         return [f"{self.pivot}-{lang}" for lang in self.languages]
 
+    def task_languages(self) -> dict[str, str]:
+        """Each task and the language of ``languages`` it translates, e.g. ``{"sw-en": "sw"}``."""
+        return dict(zip(self.tasks(), self.languages))
+
 
 class SamplingConfig(Section):
     temperature: float = Field(1.0, gt=0, description="p_i ∝ n_i^(1/T): 1 proportional, 5 common, 100 ≈ uniform")

@@ -180,9 +180,8 @@ class PreparedData:
 
 def oriented(corpus: ParallelCorpus, config: DataConfig, split: str) -> dict[str, list[tuple[str, str]]]:
     """task -> (source sentence, target sentence), in the configured direction."""
-    tasks = config.tasks()
     result = {}
-    for task, lang in zip(tasks, config.languages):
+    for task, lang in config.task_languages().items():
         pairs = corpus.pairs[split][lang]
         result[task] = pairs if config.direction == "m2o" else [(tgt, src) for src, tgt in pairs]
     return result
@@ -211,11 +210,11 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
     train_tokenizer(tokenizer_training_text(corpus, config), languages, config, directory / "spm.model")
     tokenizer = spm.SentencePieceProcessor(model_file=str(directory / "spm.model"))
     tasks = config.tasks()
-    sizes: dict[str, dict[str, int]] = {task: {"requested": config.languages[lang]} for task, lang in zip(tasks, config.languages)}
+    sizes: dict[str, dict[str, int]] = {task: {"requested": config.languages[lang]} for task, lang in config.task_languages().items()}
     for split in SPLITS:
         pairs = oriented(corpus, config, split)
         shards, texts = {}, {}
-        for task, lang in zip(tasks, config.languages):
+        for task, lang in config.task_languages().items():
             _, tgt_lang = task_languages(task)
             tag = tokenizer.piece_to_id(language_tag(tgt_lang))
             if split == "train":
@@ -237,7 +236,7 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
         torch.save(shards, directory / f"{split}.pt")
         if split != "train":
             (directory / f"{split}.text.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
-    groups = {task: config.groups.group(config.languages[lang]) for task, lang in zip(tasks, config.languages)}
+    groups = {task: config.groups.group(config.languages[lang]) for task, lang in config.task_languages().items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "source": config.source,
