@@ -192,6 +192,16 @@ def test_nashmtl_weights_solve_the_bargaining_equation():
     torch.testing.assert_close(direction, torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-4, rtol=0)
 
 
+def test_nashmtl_on_a_batch_with_one_task_is_its_unit_gradient():
+    """torchjd's NashMTL raises on one task; the bargaining solution there is α = 1/‖g‖."""
+    grads = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]])
+    for max_norm, expected in ((0.0, [0.6, 0.8]), (1.0, [0.6, 0.8]), (0.5, [0.3, 0.4])):
+        balancer = TorchJDBalancer(TASKS3, NashMTLConfig(max_norm=max_norm))
+        direction = balancer.combine(stats_for(grads, tokens=[5, 0, 0]))  # only de-en in the batch
+        torch.testing.assert_close(direction, torch.tensor(expected))
+        assert weights_of(balancer)[0] == pytest.approx(expected[0] / 3.0)
+
+
 def test_imtlg_projects_equally_onto_every_task():
     grads = random_rows(3, 5, 1)
     balancer = TorchJDBalancer(TASKS3, IMTLGConfig())

@@ -256,11 +256,18 @@ class TorchJDBalancer:
             scale = tokens.sum() / tokens
         else:
             scale = torch.ones(len(index), dtype=torch.float64)
-        aggregator = self._aggregator(index)
-        with warnings.catch_warnings():
-            # cvxpy's note that NashMTL's problem is not DPP (re-canonicalised per solve): harmless
-            warnings.filterwarnings("ignore", message=".*not DPP", category=UserWarning)
-            weights, direction, residual = self._aggregate(aggregator, rows, gram, scale)
+        if len(index) == 1 and isinstance(self.config, NashMTLConfig):
+            # torchjd's NashMTL fails on one task (cvxpy: "Scalar operands are not allowed"). Its
+            # answer there is known: α·(Gα) = 1 gives α = 1/‖g‖, a unit direction, then max_norm.
+            norm = math.sqrt(float(gram[0, 0]))
+            clip = self.config.max_norm if 0 < self.config.max_norm < 1 else 1.0
+            weights = torch.tensor([clip / norm if norm > 0 else 0.0], dtype=torch.float64)
+            direction, residual = None, None
+        else:
+            with warnings.catch_warnings():
+                # cvxpy's note that NashMTL's problem is not DPP (re-canonicalised per solve): harmless
+                warnings.filterwarnings("ignore", message=".*not DPP", category=UserWarning)
+                weights, direction, residual = self._aggregate(self._aggregator(index), rows, gram, scale)
         weights = weights.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(weights).all()):  # a solver that failed on an extreme Gram matrix
             self.record.skipped_nonfinite += 1
