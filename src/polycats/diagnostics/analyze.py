@@ -5,7 +5,6 @@ checkpoint of a run or every saved snapshot (the Fig 5 curves), written to ``RUN
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from polycats.data.sampling import SamplingSchedule
 from polycats.diagnostics.model_summary import DiagnosticSettings, analyze_model, combined_weights, warn_unconverged
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_json
-from polycats.report.figures import similarity_heatmap, training_curves
+from polycats.figures import similarity_heatmap, training_curves
 from polycats.run.build import build_balancer, build_model, resolve_device, set_threads
 from polycats.run.checkpoint import load_checkpoint
 from polycats.run.directory import RunDir
@@ -24,14 +23,6 @@ from polycats.run.directory import RunDir
 def progress_bar(show: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not show, transient=False)
-
-
-SNAPSHOT = re.compile(r"update_(\d+)\.pt$")
-
-
-def run_snapshots(checkpoints: Path) -> list[tuple[int, Path]]:
-    found = sorted((int(m.group(1)), path) for path in checkpoints.glob("update_*.pt") if (m := SNAPSHOT.search(path.name)))
-    return found
 
 
 def analyze_run(
@@ -57,7 +48,7 @@ def analyze_run(
     target_device = resolve_device(device or config.train.device)  # --device, else train.device; before anything is written
     data = run.prepared(config)
     if checkpoint is None:
-        targets = run_snapshots(run.checkpoints)
+        targets = run.snapshots()
         if not targets:
             raise PolycatsError(f"no update_*.pt snapshots in {run.checkpoints}; train with train.keep_snapshots=true or pass --checkpoint")
     else:

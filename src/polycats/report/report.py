@@ -30,7 +30,7 @@ from polycats.config import config_from_dict
 from polycats.data.prepare import prepare
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_text
-from polycats.report.figures import alpha_curves, nll_curves, setting_deltas, training_curves
+from polycats.figures import alpha_curves, nll_curves, setting_deltas, training_curves
 from polycats.report.stats import Difference, mean_ci, verdict, welch_difference
 from polycats.train.metrics import read_metrics
 
