@@ -4,7 +4,10 @@ that keeps one trainer per directory."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +22,28 @@ from polycats.run.checkpoint import load_checkpoint
 
 # Changing these on resume is allowed: they do not change what has been trained so far.
 RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("train", "device"), ("eval",)}
+
+
+SNAPSHOT = re.compile(r"update_(\d+)\.pt")
+# What training, evaluate and analyze write besides config.yaml and .lock, checkpoints first: a
+# --restart killed halfway leaves no last.pt to resume from beside the others' partial removal.
+OUTPUTS = ("checkpoints/", "metrics.jsonl", "tb/", "eval/", "analysis/")
+
+
+def last_logged_update(metrics: Path) -> int:
+    """The highest update of any event in a metrics.jsonl (0: none, or no file); a half-written
+    line is skipped."""
+    try:
+        lines = metrics.read_bytes().splitlines()
+    except FileNotFoundError:
+        return 0
+    last = 0
+    for line in lines:
+        try:
+            last = max(last, int(json.loads(line)["update"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return last
 
 
 def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str]:
@@ -85,6 +110,45 @@ class RunDir:
         if not path.exists():
             raise PolycatsError(f"{path} does not exist; train the run first (polycats train CONFIG --out {self.path})")
         return path
+
+    def snapshot_path(self, update: int) -> Path:
+        return self.checkpoints / f"update_{update:06d}.pt"
+
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """The ``update_N.pt`` snapshots as (update, path), oldest first."""
+        return sorted((int(m.group(1)), path) for path in self.checkpoints.glob("update_*.pt")
+                      if (m := SNAPSHOT.fullmatch(path.name)))
+
+    def history(self) -> list[str]:
+        """What an earlier run left here that a fresh start would overwrite, in words (empty:
+        nothing). A fresh start logs its first event at update 0 and writes ``last.pt`` at once,
+        so anything more, without a last checkpoint, means that checkpoint was lost."""
+        found = []
+        if last := last_logged_update(self.path / "metrics.jsonl"):
+            found.append(f"metrics.jsonl up to update {last}")
+        snapshots = self.snapshots()
+        files = sorted({p.name for p in self.checkpoints.iterdir()} - {p.name for _, p in snapshots}) if self.checkpoints.is_dir() else []
+        if snapshots:
+            files.append(f"{len(snapshots)} snapshot{'s' * (len(snapshots) > 1)} up to {snapshots[-1][1].name}")
+        if files:
+            found.append(f"checkpoints/ ({', '.join(files)})")
+        return found + [f"{name}/" for name in ("eval", "analysis") if (self.path / name).exists()]
+
+    def clear_outputs(self) -> list[str]:
+        """Remove what an earlier run left (:data:`OUTPUTS`; never config.yaml, the lock or any
+        other file) and return the names removed. A link is removed, never followed. Call it only
+        while holding the lock."""
+        removed = []
+        for name in OUTPUTS:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        return removed
 
     def prepared(self, config: Config | None = None) -> PreparedData:
         return prepare((config or self.config()).data)
