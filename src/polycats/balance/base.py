@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from polycats.ops.task_gradients import TaskClosure, TaskStats, accumulate_into_grad, per_task_gradients
@@ -101,6 +102,26 @@ class Balancer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class GradientCombiner:
+    """The shared part of the balancers that combine per-task gradients on every step (GradVac
+    and the torchjd peers): they plan gradients always, have no loss weights (ones) and use no
+    validation statistics. A subclass sets ``tasks`` and implements ``combine``."""
+
+    tasks: list[str]
+
+    def plan(self, update: int) -> StepPlan:
+        return StepPlan(task_gradients=True)
+
+    def observe_validation(self, stats: TaskStats) -> None:
+        raise ValueError(f"{type(self).__name__} never plans validation statistics")
+
+    def loss_weights(self) -> Tensor:
+        return torch.ones(len(self.tasks))
+
+    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
+        pass
 
 
 def backward_per_task(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan
+from polycats.balance.base import BalancerContext, GradientCombiner
 from polycats.balance.torchjd_peers import PeerRecord, fit_weights
 from polycats.balancer_config import GradVacConfig
 from polycats.ops.task_gradients import TaskStats, gram_matrix
@@ -68,7 +68,7 @@ def tensor_groups(named_parameters: Iterable[tuple[str, Tensor]]) -> list[slice]
     return groups
 
 
-class GradVac:
+class GradVac(GradientCombiner):
     """Gradient Vaccine as a balancer (every step with per-task gradients): ``combine`` returns ``Σ_i g_i'``.
 
     ``GradVac(tasks, config=None, **overrides)``; overrides are :class:`GradVacConfig` fields.
@@ -106,19 +106,6 @@ class GradVac:
 
     def bind(self, context: BalancerContext) -> None:
         self.set_parameters(context.parameters)
-
-    def plan(self, update: int) -> StepPlan:
-        return StepPlan(task_gradients=True)
-
-    def observe_validation(self, stats: TaskStats) -> None:
-        raise ValueError("GradVac never plans validation statistics")
-
-    def loss_weights(self) -> Tensor:
-        """Ones: GradVac acts on gradients (its plan asks for them on every step)."""
-        return torch.ones(len(self.tasks))
-
-    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
-        pass
 
     def combine(self, stats: TaskStats) -> Tensor:
         grads = stats.grads

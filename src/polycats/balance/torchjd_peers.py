@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polycats.balance.base import BalancerContext, StepPlan
+from polycats.balance.base import BalancerContext, GradientCombiner
 from polycats.balancer_config import (
     AlignedMTLConfig, CAGradConfig, GradDropConfig, IMTLGConfig, MGDAConfig, NashMTLConfig, PCGradConfig, PeerConfig,
     TaskGradient, UPGradConfig,
@@ -166,7 +166,7 @@ class PeerRecord:
         self.pairs_total = int(state["pairs_total"])
 
 
-class TorchJDBalancer:
+class TorchJDBalancer(GradientCombiner):
     """A torchjd aggregator as a balancer: ``combine`` gives the aggregation of the present tasks'
     gradient rows.
 
@@ -215,19 +215,6 @@ class TorchJDBalancer:
     # ------------------------------------------------------------------ Balancer protocol
 
     def bind(self, context: BalancerContext) -> None:
-        pass
-
-    def plan(self, update: int) -> StepPlan:
-        return StepPlan(task_gradients=True)
-
-    def observe_validation(self, stats: TaskStats) -> None:
-        raise ValueError(f"{self.name} never plans validation statistics")
-
-    def loss_weights(self) -> Tensor:
-        """Ones: a gradient-combination peer has no loss weights (its plan asks for gradients)."""
-        return torch.ones(len(self.tasks))
-
-    def observe_losses(self, losses: Tensor, tokens: Tensor) -> None:
         pass
 
     def combine(self, stats: TaskStats) -> Tensor:
