@@ -175,6 +175,58 @@ def test_a_checkpoint_pointing_past_metrics_falls_back(straight, run_to_8):
     assert_same_run(straight, run_to_8)
 
 
+def files_of(run: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["dangling link", "link loop", "both deleted"])
+def test_a_run_that_lost_its_last_checkpoint_is_refused_not_restarted(straight, run_to_8, tmp_path, damage):
+    """These silently started over at update 0 and rewrote metrics.jsonl, best.pt and the
+    snapshots. Snapshots hold no optimizer or random state, so none is resumed from either."""
+    checkpoints = run_to_8 / "checkpoints"
+    for name in ("last.pt", "last.prev.pt"):
+        (checkpoints / name).unlink()
+    if damage == "dangling link":
+        (checkpoints / "last.pt").symlink_to(tmp_path / "moved-to-another-disk.pt")
+    elif damage == "link loop":
+        (checkpoints / "last.pt").symlink_to("last.pt")
+    (tmp_path / "tiny.yaml").write_text(tiny().to_yaml(), encoding="utf-8")
+    before = files_of(run_to_8)
+    message = assert_one_line_error(run_cli(["train", "tiny.yaml", "--out", str(run_to_8)], tmp_path),
+                                    str(run_to_8), "metrics.jsonl up to update 8", "update_000008.pt",
+                                    "no usable checkpoint", "--restart")
+    assert ("broken symbolic link" in message) == (damage != "both deleted")
+    assert files_of(run_to_8) == before  # nothing written, not even config.yaml
+    process = run_cli(["train", "tiny.yaml", "--out", str(run_to_8), "--restart"], tmp_path)
+    assert process.returncode == 0, cli_text(process)
+    assert f"restarting: removed checkpoints/, metrics.jsonl, tb/ of the earlier run in {run_to_8}" in cli_text(process)[0]
+    assert_same_run(straight, run_to_8)
+    assert not os.path.lexists(checkpoints / "last.pt.unusable")
+
+
+def test_a_broken_link_for_last_pt_falls_back_to_the_previous_one(straight, run_to_8, tmp_path):
+    last = run_to_8 / "checkpoints" / "last.pt"
+    last.unlink()
+    last.symlink_to(tmp_path / "gone.pt")
+    with pytest.warns(CheckpointFallbackWarning, match=r"last\.pt is a broken symbolic link .*resuming from .*last\.prev\.pt"):
+        train(tiny(), run_to_8, progress=False)
+    assert_same_run(straight, run_to_8)
+
+
+def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_from_update_0(straight, tmp_path):
+    """A fresh run writes last.pt at update 0, right after its first event: so a kill before the
+    first periodic checkpoint resumes, and metrics with no last checkpoint always mean a lost one."""
+    run = tmp_path / "run"
+    train(tiny(train={"max_updates": 3}), run, progress=False)  # checkpoints at 0 and 3 (the first periodic one: 4)
+    checkpoints = run / "checkpoints"
+    # As if killed after update 3, before its save:
+    (checkpoints / "update_000003.pt").unlink()
+    (checkpoints / "last.prev.pt").replace(checkpoints / "last.pt")
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["update"] == 0
+    train(tiny(), run, progress=False)
+    assert_same_run(straight, run)
+
+
 # ------------------------------------------------------------------------------ safe loading
 
 class Payload:
@@ -200,6 +252,7 @@ def test_a_malicious_pickle_is_refused_everywhere(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     for name in ("last.pt", "best.pt"):
         shutil.copy(tmp_path / "zip.pt", run / "checkpoints" / name)
+    (run / "config.yaml").write_text(tiny().to_yaml(), encoding="utf-8")
     with pytest.raises(PolycatsError, match="no usable checkpoint"):
         train(tiny(), run, progress=False)
     with pytest.raises(PolycatsError, match="not a polycats checkpoint"):
@@ -261,6 +314,36 @@ def test_the_cli_reports_a_locked_run_directory_in_one_line(tmp_path):
     process = run_cli(["train", "tiny.yaml", "--out", "run"], tmp_path)
     holder.close()
     assert_one_line_error(process, "in use")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new --out", "empty --out"])
+def test_a_train_that_cannot_start_leaves_nothing_behind(tmp_path, existing):
+    """A failed prepare used to leave config.yaml and .lock, and the corrected config was then
+    refused as "a different config"."""
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+    (tmp_path / "bad.yaml").write_text(tiny(data={"max_len": 3}).to_yaml(), encoding="utf-8")  # too few short pairs
+    (tmp_path / "good.yaml").write_text(tiny(train={"max_updates": 2}).to_yaml(), encoding="utf-8")
+    assert_one_line_error(run_cli(["train", "bad.yaml", "--out", "run"], tmp_path), "data.max_len=3")
+    assert (list(run.iterdir()) == []) if existing else not run.exists()
+    process = run_cli(["train", "good.yaml", "--out", "run"], tmp_path)
+    assert process.returncode == 0, cli_text(process)
+
+
+def test_a_resume_says_where_it_resumed_from(run_to_8, capsys):
+    capsys.readouterr()
+    train(tiny(), run_to_8, progress=False)
+    out = capsys.readouterr().out
+    assert out.count("resumed from") == 1
+    assert f"resumed from update 8 (checkpoint {run_to_8 / 'checkpoints' / 'last.pt'})\n" in out
+
+
+def test_the_progress_bar_shows_the_validation_nll_and_labelled_times(tmp_path, capsys):
+    train(tiny(train={"max_updates": 5}), tmp_path / "run", progress=True)
+    out = capsys.readouterr().out
+    valid = read_metrics(tmp_path / "run")[-1]["valid_nll"]
+    assert f"valid {valid:.3f}" in out and "elapsed" in out and "left" in out, out
 
 
 def test_a_lock_file_left_by_a_dead_process_does_not_block(tmp_path):

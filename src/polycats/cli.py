@@ -95,13 +95,16 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it has a checkpoint)")],
     set_: SetOption = None,
     device: DeviceOption = None,
+    restart: Annotated[bool, typer.Option("--restart", help="start over: remove OUT's metrics, checkpoints, "
+                                          "tb/, eval/ and analysis/ of an earlier run instead of resuming it")] = False,
 ) -> None:
     """Train a model (prepares the data if needed; resumes from OUT's last checkpoint)."""
     from polycats.config import load_config
     from polycats.train.trainer import train as run_training
 
     require_writable(out, "--out")
-    valid = run_training(load_config(config, [*(set_ or []), f"train.device={device}"] if device else set_), out)
+    valid = run_training(load_config(config, [*(set_ or []), f"train.device={device}"] if device else set_), out,
+                         restart=restart)
     console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
                   f"(metrics.jsonl, checkpoints/, tb/)")
 

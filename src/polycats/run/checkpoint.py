@@ -35,6 +35,14 @@ class CorruptCheckpoint(PolycatsError):
     """A checkpoint that cannot be used: truncated, bit-flipped, unsafe to unpickle, not ours."""
 
 
+class NoUsableCheckpoint(PolycatsError):
+    """Every full checkpoint there is is unusable; ``problems`` says why, one per file."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+
 class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint was unusable and training resumed from the previous one."""
 
@@ -134,15 +142,19 @@ def load_latest(path: Path, check: Callable[[dict[str, Any]], str | None] | None
     """The newest usable checkpoint of ``path`` and ``previous_path(path)``, or None if neither
     exists. An unusable newer one (corrupt, or refused by ``check``, which returns a reason) is
     moved aside to ``NAME.unusable`` (kept for inspection, never rotated into ``last.prev.pt``)
-    with a :class:`CheckpointFallbackWarning`; if every one that exists is unusable, a
-    :class:`PolycatsError` says why (never a silent fresh start). Call it only while holding
-    the run directory's lock."""
+    with a :class:`CheckpointFallbackWarning`; a broken symbolic link is unusable too. If every one
+    that exists is unusable, :class:`NoUsableCheckpoint` says why (never a silent fresh start).
+    Call it only while holding the run directory's lock."""
     path = Path(path)
     problems, unusable = [], []
     for candidate in (path, previous_path(path)):
-        if not candidate.exists():
-            if candidate == path and previous_path(path).exists():
+        if not os.path.lexists(candidate):
+            if candidate == path and os.path.lexists(previous_path(path)):
                 problems.append(f"{candidate.name} is missing (a crash while it was being replaced)")
+            continue
+        if not candidate.exists():  # a link to nothing, or a loop: a checkpoint that was there once
+            problems.append(f"{candidate} is a broken symbolic link (to {os.readlink(candidate)})")
+            unusable.append(candidate)
             continue
         try:
             state = load_checkpoint(candidate)
@@ -163,8 +175,7 @@ def load_latest(path: Path, check: Callable[[dict[str, Any]], str | None] | None
             )
         return state, candidate
     if problems:
-        raise PolycatsError(
-            f"no usable checkpoint to resume from: {'; '.join(problems)}; "
-            f"move {path.parent} away to start over"
+        raise NoUsableCheckpoint(
+            f"no usable checkpoint to resume from: {'; '.join(problems)}; move {path.parent} away to start over", problems,
         )
     return None

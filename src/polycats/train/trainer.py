@@ -6,8 +6,10 @@ loop never special-cases a method: each step it follows the balancer's
 Reliability (docs/reliability.md): one trainer per run directory (a lock); ``last.pt`` holds the
 whole state (model, Adam, balancer, sampler, every RNG, counters, the logging window, the
 metrics.jsonl offset), so a run killed at any point resumes bit-identically; a corrupt ``last.pt``
-falls back to ``last.prev.pt``; SIGINT/SIGTERM finish the update, save and stop; a non-finite loss
-or gradient skips the update, and too many in a row save the last good state and stop.
+falls back to ``last.prev.pt``, and a run directory with neither usable is refused, never started
+over unless asked (``restart``); nothing is made in it until training can start; SIGINT/SIGTERM
+finish the update, save and stop; a non-finite loss or gradient skips the update, and too many in
+a row save the last good state and stop.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from polycats.ops.task_gradients import (
 )
 from polycats.ops.task_split import TaskSplit
 from polycats.run.build import build_balancer, build_model, resolve_device, set_threads
-from polycats.run.checkpoint import load_latest, save_checkpoint, save_rotating
-from polycats.run.directory import RunDir, RunLock, config_differences, summarise, with_current_defaults
+from polycats.run.checkpoint import NoUsableCheckpoint, load_latest, previous_path, save_checkpoint, save_rotating
+from polycats.run.directory import OUTPUTS, RunDir, RunLock, config_differences, summarise, with_current_defaults
 from polycats.train.metrics import MetricsLog
 from polycats.train.state import TrainState, rng_state, set_rng_state
 from polycats.version import __version__
@@ -118,26 +120,42 @@ class Trainer:
     a second trainer on the same directory gets a clear error.
     """
 
-    def __init__(self, config: Config, run_dir: str | Path, data: PreparedData | None = None, progress: bool | None = None):
+    def __init__(self, config: Config, run_dir: str | Path, data: PreparedData | None = None, progress: bool | None = None,
+                 restart: bool = False):
+        """``restart``: start over in a run directory that holds a run, removing its metrics,
+        checkpoints, TensorBoard events, evaluations and analyses (else it is resumed)."""
         self.config = config
         self.device = resolve_device(config.train.device)  # before anything is written: cuda may be missing
         self.run = RunDir(run_dir)
+        self.run.check_compatible(config)  # before preparing data; again under the lock
+        # Everything training needs is built before the run directory is touched: a config whose
+        # data cannot be prepared leaves nothing behind (a config.yaml left there would refuse the
+        # corrected config as "a different config").
+        self.setup(data, progress)
         self.run.path.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.run.lock_path).acquire()
         try:
-            self.setup(data, progress)
+            self.claim(restart)
         except BaseException:
             self.lock.release()
             raise
 
-    def setup(self, data: PreparedData | None, progress: bool | None) -> None:
-        config = self.config
+    def claim(self, restart: bool) -> None:
+        """Make the locked run directory this run's: clean up, check, clear it (``restart``) or
+        find the checkpoint to resume from, and only then write config.yaml (a refused run
+        changes nothing)."""
         # Left by writes a kill interrupted; we hold the lock. (The run directory may be shared
         # with the user's files: only our own names there.)
         remove_stale_temp_files(self.run.checkpoints)
         remove_stale_temp_files(self.run.path, self.run.config_path.name)
-        self.run.check_compatible(config)
-        atomic_write_text(self.run.config_path, config.to_yaml())
+        self.run.check_compatible(self.config)
+        if restart and (removed := self.run.clear_outputs()):
+            print(f"restarting: removed {', '.join(removed)} of the earlier run in {self.run.path}", flush=True)
+        self.resume_from = self.resume_state()  # restored by fit
+        atomic_write_text(self.run.config_path, self.config.to_yaml())
+
+    def setup(self, data: PreparedData | None, progress: bool | None) -> None:
+        config = self.config
         set_threads(config.train.threads)
         self.data = data or prepare(config.data)
         self.tasks = self.data.tasks
@@ -229,12 +247,14 @@ class Trainer:
         state = self.checkpoint(metrics.offset())
         if snapshot and self.config.train.keep_snapshots:
             snapshot_state = {"model": state["model"], "balancer": state["balancer"], "update": self.state.update}
-            save_checkpoint(snapshot_state, self.run.checkpoints / f"update_{self.state.update:06d}.pt")
+            save_checkpoint(snapshot_state, self.run.snapshot_path(self.state.update))
         save_rotating(state, self.last_path)
         self.saved_at = self.state.batches_drawn
 
     def resume_state(self) -> tuple[dict, Path] | None:
-        """The newest usable full checkpoint and its path (None: a fresh start)."""
+        """The newest usable full checkpoint and its path (None: a fresh start). A run directory
+        that holds a run but no usable full checkpoint is refused: starting over would overwrite
+        its history."""
         metrics = self.run.path / "metrics.jsonl"
         size = metrics.stat().st_size if metrics.exists() else 0
 
@@ -242,7 +262,25 @@ class Trainer:
             offset = int(state.get("metrics_offset", 0))
             return None if offset <= size else f"expects {offset} bytes of {metrics}, which has {size}"
 
-        return load_latest(self.last_path, check)
+        try:
+            found = load_latest(self.last_path, check)
+        except NoUsableCheckpoint as error:
+            raise self.cannot_resume("; ".join(error.problems)) from None
+        if found is None and self.run.history():
+            raise self.cannot_resume(f"neither {self.last_path.name} nor {previous_path(self.last_path).name} exists")
+        return found
+
+    def cannot_resume(self, why: str) -> PolycatsError:
+        # Snapshots hold the model and balancer only: a run continued from one would differ from
+        # the run it continues (fresh Adam moments, sampler and random state), so none is offered.
+        snapshots = self.run.snapshots()
+        newest = f"the newest snapshot, {snapshots[-1][1].name}, holds" if snapshots else "snapshots hold"
+        return PolycatsError(
+            f"{self.run.path} holds a run ({'; '.join(self.run.history())}) but no usable checkpoint to resume from "
+            f"({why}); {newest} only the model and balancer, not the optimizer and random state, so the run "
+            f"cannot continue exactly: rerun with --restart to start over (removes {', '.join(OUTPUTS)}) "
+            "or train into a new --out directory"
+        )
 
     # ------------------------------------------------------------------ steps
     def batch_loss(self, batch: Batch) -> Tensor:
@@ -402,10 +440,11 @@ class Trainer:
             self.close()
 
     def open_metrics(self) -> MetricsLog:
-        found = self.resume_state()
+        found, self.resume_from = self.resume_from, None
         if found is not None:
             state, path = found
             self.restore(state, path)
+            print(f"resumed from update {self.state.update} (checkpoint {path})", flush=True)
             return MetricsLog(self.run.path, int(state["metrics_offset"]), self.state.update)
         metrics = MetricsLog(self.run.path)
         sizes = self.data.meta["sizes"]
@@ -418,6 +457,9 @@ class Trainer:
             "device": str(self.device),  # resolved (train.device auto is the same config on every machine)
             **({"device_name": torch.cuda.get_device_name(self.device)} if self.device.type == "cuda" else {}),
         })
+        # A run has a last checkpoint from its first event on: anything more in a run directory
+        # without one is history a fresh start would overwrite (RunDir.history).
+        self.save(metrics, snapshot=False)
         return metrics
 
     def loop(self, metrics: MetricsLog) -> dict[str, float]:
@@ -425,7 +467,8 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         stopped_early = t.patience > 0 and self.state.bad_validations >= t.patience  # a resumed run that had stopped
         with self.progress_bar() as progress:
-            task_id = progress.add_task("train", total=t.max_updates, completed=self.state.update, status="")
+            task_id = progress.add_task("train", total=t.max_updates, completed=self.state.update, status="",
+                                        valid=self.valid_status())
             while self.state.update < t.max_updates and not stopped_early:
                 if self.stop_signal is not None:
                     self.stop_for_signal(metrics)
@@ -448,6 +491,7 @@ class Trainer:
                     metrics.log("diagnostics", update, self.diagnostics())
                 if update % t.valid_every == 0 or last:
                     stopped_early = self.validation_round(metrics)
+                    progress.update(task_id, valid=self.valid_status())
                 if update % t.save_every == 0 or last or stopped_early:
                     self.save(metrics)
         return self.state.last_valid
@@ -533,13 +577,19 @@ class Trainer:
             for number, handler in previous.items():
                 signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
+    def valid_status(self) -> str:
+        """The progress bar's validation column: the latest validation NLL (a resumed run's too)."""
+        last = self.state.last_valid.get("valid_nll")
+        return "valid —" if last is None else f"valid {last:.3f}"
+
     def progress_bar(self) -> Progress:
         return Progress(
             TextColumn(f"[bold]{self.config.name}[/] {self.run.path.name}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"), TextColumn("{task.fields[valid]}"),
+            TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
             disable=not self.show_progress, transient=False,
         )
 
 
-def train(config: Config, run_dir: str | Path, progress: bool | None = None) -> dict[str, float]:
-    return Trainer(config, run_dir, progress=progress).fit()
+def train(config: Config, run_dir: str | Path, progress: bool | None = None, restart: bool = False) -> dict[str, float]:
+    return Trainer(config, run_dir, progress=progress, restart=restart).fit()
