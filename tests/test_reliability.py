@@ -902,3 +902,32 @@ def test_the_demo_summary_command_can_be_pasted_into_a_shell():
     command = demo_command(Path("runs/my demo"), ("T=1", "CATS"), overrides)
     assert shlex.split(command) == ["polycats", "demo", "--out", "runs/my demo", "--methods", "T=1,CATS",
                                     *(word for override in overrides for word in ("--set", override))]
+
+
+def test_a_run_evaluates_and_translates_after_its_corpus_and_cache_are_gone(tmp_path, monkeypatch):
+    """Issue 17 item 8: data.path is stored absolute, and a run keeps its own copy of the
+    tokenizer and valid/test data, used (with a warning) when the corpus cannot be read."""
+    from polycats.data.prepare import PreparedDataWarning
+    from polycats.evaluate.run import evaluate_run, translate_lines
+    from test_prepare import text_config, write_text_corpus
+
+    monkeypatch.setenv("POLYCATS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    write_text_corpus(tmp_path / "corpus")
+    config = config_from_dict({
+        "data": text_config(Path("corpus")).model_dump(mode="json"),
+        "model": {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "ffn_dim": 32},
+        "train": {"max_updates": 2, "max_tokens": 200, "warmup_updates": 1, "save_every": 2, "valid_every": 2},
+        "eval": {"beam": 1},
+    })
+    train(config, tmp_path / "run", progress=False)
+    before = evaluate_run(tmp_path / "run", "test")
+    assert (tmp_path / "run" / "data" / "spm.model").exists()
+    (tmp_path / "corpus").rename(tmp_path / "moved")
+    monkeypatch.setenv("POLYCATS_CACHE", str(tmp_path / "empty cache"))
+    monkeypatch.chdir(tmp_path / "moved")  # another working directory too
+    with pytest.warns(PreparedDataWarning, match="using the run's own copy"):
+        after = evaluate_run(tmp_path / "run", "test")
+    assert after["per_language"] == before["per_language"]
+    with pytest.warns(PreparedDataWarning):
+        assert len(translate_lines(tmp_path / "run", ["alpha beta"], "de", "en")) == 1

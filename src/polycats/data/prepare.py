@@ -159,6 +159,9 @@ class PreparedData:
 
     def split(self, name: str) -> dict[str, TaskArrays]:
         if name not in self._splits:
+            if not (self.root / f"{name}.pt").exists():
+                raise PolycatsError(f"{self.root} has no {name} split (a run's copy holds only what evaluate and "
+                                    "translate need); make the corpus readable again (data.path, POLYCATS_CACHE)")
             try:
                 shards = torch.load(self.root / f"{name}.pt", weights_only=True)
             except Exception as error:  # torch raises several types for a damaged or foreign file
@@ -254,7 +257,30 @@ def build(corpus: ParallelCorpus, config: DataConfig, directory: Path) -> None:
 
 
 class PreparedDataWarning(UserWarning):
-    """A damaged prepared-data cache entry was found and is being rebuilt."""
+    """A damaged prepared-data cache entry was found and is being rebuilt, or a run falls back to
+    its own copy of the data because the corpus cannot be read."""
+
+
+#: What evaluate and translate read: a run keeps a copy of these (``RUN/data/``), so it can be
+#: evaluated and used after its corpus or the cache has moved.
+EVALUATION_FILES = ("meta.json", "spm.model", "valid.pt", "test.pt", "valid.text.json", "test.text.json")
+
+
+def copy_for_evaluation(data: PreparedData, target: Path) -> None:
+    """Copy :data:`EVALUATION_FILES` of ``data`` to ``target`` (complete or absent: staged, then
+    renamed); an existing copy of the same data is kept."""
+    target = Path(target)
+    if (target / "meta.json").is_file() and (target / "meta.json").read_bytes() == (data.root / "meta.json").read_bytes():
+        return
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for name in EVALUATION_FILES:
+            shutil.copyfile(data.root / name, staging / name)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def file_checksums(directory: Path) -> dict[str, str]:

@@ -9,12 +9,13 @@ import os
 import re
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import torch
 
 from polycats.config import Config, config_from_dict, load_config
-from polycats.data.prepare import PreparedData, prepare
+from polycats.data.prepare import PreparedData, PreparedDataWarning, prepare
 from polycats.errors import PolycatsError
 from polycats.model.transformer import Transformer
 from polycats.run.build import build_model, resolve_device
@@ -150,8 +151,23 @@ class RunDir:
             removed.append(name)
         return removed
 
+    @property
+    def data_copy(self) -> Path:
+        """The run's copy of what evaluate and translate read (written when training starts)."""
+        return self.path / "data"
+
     def prepared(self, config: Config | None = None) -> PreparedData:
-        return prepare((config or self.config()).data)
+        """The run's prepared data; when the corpus cannot be read any more (moved, deleted), the
+        run's own copy of its tokenizer and valid/test data, with a warning."""
+        try:
+            return prepare((config or self.config()).data)
+        except (PolycatsError, OSError) as error:
+            if not (self.data_copy / "meta.json").is_file():
+                raise
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            warnings.warn(f"{reason}; using the run's own copy of its tokenizer and valid/test data ({self.data_copy})",
+                          PreparedDataWarning, stacklevel=2)
+            return PreparedData(self.data_copy)
 
     def load_model(self, which: str = "best", config: Config | None = None, data: PreparedData | None = None,
                    device: str | None = None) -> Transformer:

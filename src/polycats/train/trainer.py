@@ -37,7 +37,7 @@ from torch import Tensor
 from polycats.balance.base import BalancerContext
 from polycats.config import Config
 from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_batch
-from polycats.data.prepare import PAD, PreparedData, prepare
+from polycats.data.prepare import PAD, PreparedData, copy_for_evaluation, prepare
 from polycats.data.sampling import SamplingSchedule
 from polycats.diagnostics.model_summary import combined_weights, training_diagnostics
 from polycats.errors import Interrupted, PolycatsError
@@ -153,6 +153,7 @@ class Trainer:
             print(f"restarting: removed {', '.join(removed)} of the earlier run in {self.run.path}", flush=True)
         self.resume_from = self.resume_state()  # restored by fit
         atomic_write_text(self.run.config_path, self.config.to_yaml())
+        copy_for_evaluation(self.data, self.run.data_copy)  # evaluate/translate outlive the corpus
 
     def setup(self, data: PreparedData | None, progress: bool | None) -> None:
         config = self.config
