@@ -115,6 +115,9 @@ def test_bad_grid_files_are_one_line_errors(tmp_path):
     bad.write_text("name: x\nbase: demo\nmethods: []\n")
     with pytest.raises(PolycatsError, match="field 'methods'"):
         run_grid(bad, tmp_path / "exp")
+    bad.write_text("name: x\nname: y\nbase: demo\nmethods: [T=1]\n")  # the hardened loader, as for configs
+    with pytest.raises(PolycatsError, match="grid file .* line 2: .*duplicate"):
+        run_grid(bad, tmp_path / "exp")
     grid = write_grid(tmp_path, set=["train.max_updatez=3"])
     with pytest.raises(PolycatsError, match="max_updatez"):
         run_grid(grid, tmp_path / "exp")

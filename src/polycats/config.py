@@ -346,24 +346,30 @@ def config_from_dict(tree: dict[str, Any], source: str = "") -> Config:
         raise PolycatsError(f"invalid config {source}: nested too deeply") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+def read_yaml_file(path: Path, kind: str, hint: str) -> Any:
+    """The parsed YAML of ``path`` or a one-line error naming it (``kind``: "config file", "grid
+    file"; ``hint``: where to look when it does not exist)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PolycatsError(f"config file {path} does not exist; see configs/ for presets") from None
+        raise PolycatsError(f"{kind} {path} does not exist; {hint}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PolycatsError(f"cannot read config file {path}: {error}") from None
+        raise PolycatsError(f"cannot read {kind} {path}: {error}") from None
     try:
-        tree = parse_yaml(text) or {}
+        return parse_yaml(text)
     except RefusedYaml as error:
-        raise PolycatsError(f"config file {path} line {error.problem_mark.line + 1}: {error.problem}") from None
+        raise PolycatsError(f"{kind} {path} line {error.problem_mark.line + 1}: {error.problem}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         # Marked errors carry a one-line ``problem``; others (e.g. a NUL character) only a multi-line str.
         problem = getattr(error, "problem", None) or (str(error).strip().splitlines() or ["unreadable"])[0]
-        raise PolycatsError(f"config file {path}{where} is not valid YAML: {problem}") from None
+        raise PolycatsError(f"{kind} {path}{where} is not valid YAML: {problem}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    tree = read_yaml_file(path, "config file", "see configs/ for presets") or {}
     if not isinstance(tree, dict):
         raise PolycatsError(f"config file {path} must be a YAML mapping of sections (data:, train:, ...)")
     for assignment in overrides or []:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from polycats.config import load_config, parse_yaml, preset_path
+from polycats.config import load_config, preset_path, read_yaml_file
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_json
 from polycats.methods import METHODS, run_name
@@ -75,12 +75,7 @@ def expand(spec: GridSpec) -> list[GridRun]:
 
 def load_grid(path: Path) -> tuple[GridSpec, Path]:
     """The grid spec and the path of its base preset."""
-    try:
-        tree = parse_yaml(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolycatsError(f"grid file {path} does not exist; see configs/experiments/") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolycatsError(f"cannot read grid file {path}: {error}") from None
+    tree = read_yaml_file(path, "grid file", "see configs/experiments/")
     try:
         spec = GridSpec.model_validate(tree)
     except ValidationError as error:
