@@ -114,7 +114,7 @@ def load_run(path: Path, record: dict | None = None) -> Run:
     if analysis.is_file():
         run.diagnostics = json.loads(analysis.read_text())["checkpoints"]
     else:
-        run.diagnostics = [e for e in run.metrics if e.get("event") == "diagnostics"]
+        run.diagnostics = logged(run, "diagnostics")
     return run
 
 
@@ -177,17 +177,21 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def mean_events(runs: list[Run], event: str, keys: list[str]) -> list[dict]:
-    """``event`` records averaged over seeds at each update where every run has the key."""
+def mean_points(series: list[list[dict]], keys: list[str], event: str) -> list[dict]:
+    """Records averaged over runs (``series``: one list per run) at each update, for the keys
+    every run has there; each point is tagged ``event`` (what the figures select on)."""
     points: dict[int, dict[str, list[float]]] = {}
-    for run in runs:
-        for e in run.metrics if event != "diagnostics" else run.diagnostics:
-            if event == "diagnostics" or e.get("event") == event:
-                for key in keys:
-                    if e.get(key) is not None:
-                        points.setdefault(e["update"], {}).setdefault(key, []).append(e[key])
-    return [{"event": event, "update": u, **{k: sum(v) / len(v) for k, v in values.items() if len(v) == len(runs)}}
+    for records in series:
+        for record in records:
+            for key in keys:
+                if record.get(key) is not None:
+                    points.setdefault(record["update"], {}).setdefault(key, []).append(record[key])
+    return [{"event": event, "update": u, **{k: sum(v) / len(v) for k, v in values.items() if len(v) == len(series)}}
             for u, values in sorted(points.items())]
+
+
+def logged(run: Run, kind: str) -> list[dict]:
+    return [e for e in run.metrics if e.get("event") == kind]
 
 
 # --- sections of one grid ---------------------------------------------------------------------
@@ -239,7 +243,8 @@ def curves_section(grid: Grid, out: Path) -> list[str]:
     if not methods:
         return []
     keys = [f"{kind}_nll/{g}" for kind in ("train", "valid") for g in ("LoRes", "HiRes")]
-    averaged = {m: mean_events(runs, "train", keys[:2]) + mean_events(runs, "valid", keys[2:]) for m, runs in methods.items()}
+    averaged = {m: mean_points([logged(r, "train") for r in runs], keys[:2], "train")
+                + mean_points([logged(r, "valid") for r in runs], keys[2:], "valid") for m, runs in methods.items()}
     name = f"{grid.slug}_nll.png"
     nll_curves(averaged, out / name)
     rows = []
@@ -265,7 +270,7 @@ def diagnostics_section(grid: Grid, out: Path) -> list[str]:
     analysed = {m: runs for m, runs in analysed.items() if runs}
     if not analysed:
         return []
-    averaged = {m: mean_events(runs, "diagnostics", keys) for m, runs in analysed.items()}
+    averaged = {m: mean_points([r.diagnostics for r in runs], keys, "diagnostics") for m, runs in analysed.items()}
     name = f"{grid.slug}_diagnostics.png"
     training_curves(averaged, out / name)
     rows = [[m, str(len(analysed[m])), str(p["update"]), *[fmt(p.get(k), 3) for k in keys]] for m, points in averaged.items() for p in points]
