@@ -4,6 +4,7 @@ real tables; the inputs it accepts and refuses."""
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -137,6 +138,13 @@ def test_the_claims_rule_on_fixture_numbers():
 
 def test_the_report_takes_folders_of_runs_and_single_runs_and_refuses_the_rest(tiny_grid, tmp_path):
     runs = tiny_grid / "runs"
+    index = json.loads((tiny_grid / "index.json").read_text())
+    stale = {**index, "runs": {**index["runs"], "cats-s2": {"method": "CATS", "seed": 2, "status": "pending"}}}
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "index.json").write_text(json.dumps(stale))  # written before cats-s2 started
+    (tmp_path / "exp" / "runs").symlink_to(runs)
+    [grid] = collect([tmp_path / "exp"])
+    assert {run.name: run.commit for run in grid.runs}["cats-s2"] == "c0ffee" * 6 + "abcd"  # from experiment.json
     [folder] = collect([runs])
     assert folder.name == "runs" and {r.method for r in folder.runs} == {"T=1", "T=5", "CATS"}
     [single] = collect([runs / "cats-s2", runs / "t1-s2"])

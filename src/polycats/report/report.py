@@ -101,7 +101,10 @@ def method_of(config: dict) -> str:
 def load_run(path: Path, record: dict | None = None) -> Run:
     if not (path / "config.yaml").is_file():
         raise PolycatsError(f"{path} is not a run directory (no config.yaml)")
-    record = record or (json.loads((path / "experiment.json").read_text()) if (path / "experiment.json").is_file() else {})
+    # The run's own record is the freshest (an index lists a run that started after it was written as pending).
+    if (path / "experiment.json").is_file():
+        record = json.loads((path / "experiment.json").read_text())
+    record = record or {}
     config = yaml.safe_load((path / "config.yaml").read_text())
     run = Run(name=path.name, path=path, method=record.get("method") or method_of(config),
               seed=int(record.get("seed", config["train"]["seed"])), config=config, commit=record.get("commit"),
