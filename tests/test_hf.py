@@ -227,3 +227,19 @@ def test_cats_from_validation_statistics_and_a_resumed_balancer(tmp_path):
 
 def test_docstring_examples_run():
     assert doctest.testmod(hf).failed == 0
+
+
+def test_the_readme_snippet_runs_and_logs_alpha(tmp_path, monkeypatch):
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- snippet: hf-trainer.*?-->\s*```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "README.md", "exec"), namespace)
+    logs = [log for log in namespace["trainer"].state.log_history if "loss" in log]
+    assert len(logs) == 4 and logs[-1]["alpha/sw-en"] != 1.0 and "lambda" in logs[-1]
