@@ -53,12 +53,12 @@ def measure(preset: str, method: str, updates: int, warmup: int, threads: int, o
         trainer = Trainer(config, run_dir, progress=False)
         torch.manual_seed(0)
         for _ in range(warmup):
-            trainer.train_step(trainer.stream.next())
+            trainer.train_step([trainer.stream.next()])
         tokens, started = 0, time.perf_counter()
         for _ in range(updates):
             batch = trainer.stream.next()
             tokens += batch.target_tokens
-            trainer.train_step(batch)
+            trainer.train_step([batch])
         elapsed = time.perf_counter() - started
     return {
         "method": method,
@@ -134,7 +134,7 @@ def interleaved(preset: str, methods: dict[str, list[str]], updates: int, warmup
                     one_pass = not trainer.balancer.plan(trainer.state.update).task_gradients or trainer.task_split is not None
                     passes = 1 if one_pass else present
                     started = time.perf_counter()
-                    trainer.train_step(batch)
+                    trainer.train_step([batch])
                     if step >= warmup:
                         timings.seconds[method].append(time.perf_counter() - started)
                         timings.passes[method].append(passes)

@@ -52,7 +52,7 @@ def test_a_float64_model_trains_with_float64_task_gradients(tmp_path, monkeypatc
     trainer = Trainer(tiny_config(update_every=1), tmp_path / "run", progress=False)
     trainer.fit()
     assert trainer.state.update == 8 and trainer.state.skipped_total == 0
-    assert trainer.task_grads is not None and trainer.task_grads.dtype == torch.float64
+    assert trainer.row_buffers and trainer.row_buffers[0].dtype == torch.float64
     assert trainer.balancer.log_values()["cats/updates"] == 6.0
 
 
@@ -79,7 +79,7 @@ def test_valid_source_uses_a_fixed_sample_and_the_probe_measures_the_same_batche
         )
         expected = float(direction @ operator.matvec(direction) / (direction @ direction))
         assert trainer.balancer.plan(0).validation and trainer.balancer.plan(0).curvature
-        trainer.train_step(trainer.stream.next())  # update 0: validation statistics, α, then the step
+        trainer.train_step([trainer.stream.next()])  # update 0: validation statistics, α, then the step
         logged = trainer.balancer.log_values()
         assert logged["cats/updates"] == 1.0
         assert logged["cats/curvature"] == pytest.approx(expected, rel=1e-4)

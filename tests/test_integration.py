@@ -148,8 +148,8 @@ def test_one_pass_per_task_gradients_train_like_one_pass_per_task(tmp_path, bala
     for _ in range(4):
         batch = one_pass.stream.next()
         assert len(batch.task.unique()) > 1
-        one_pass.train_step(batch)
-        sub_batches.train_step(batch)
+        one_pass.train_step([batch])
+        sub_batches.train_step([batch])
     for a, b in zip(one_pass.params, sub_batches.params):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     if balancer == "cats":

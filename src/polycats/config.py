@@ -164,7 +164,15 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     max_updates: int = Field(1200, gt=0, description="optimiser updates of the run (may be raised to continue a finished run)")
-    max_tokens: int = Field(2048, gt=0, description="padded tokens per batch")
+    max_tokens: int = Field(2048, gt=0, description="padded tokens per batch (per micro-batch with update_freq > 1)")
+    update_freq: int = Field(
+        1, ge=1, description="micro-batches accumulated into one update on each process: an update's batch is "
+        "update_freq × processes (torchrun) micro-batches of max_tokens, exact for every balancer"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the forward passes: bf16 (CPU, CUDA) or fp16 with a GradScaler; "
+        "parameters, per-task gradients and balancer math stay fp32"
+    )
     lr: float = Field(1e-3, gt=0, description="peak learning rate of Adam")
     warmup_updates: int = Field(500, ge=0, description="linear warm-up, then inverse square root decay")
     adam_betas: Annotated[tuple[float, float], Strict(False)] = Field(  # not strict: YAML gives a list

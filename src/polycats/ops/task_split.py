@@ -127,6 +127,7 @@ class TaskSplit:
             return
         dims = tuple(range(values.dim() - param.dim()))
         views = self._views[param]
+        values = values.to(views[0].dtype)  # under autocast the hooks see bf16/fp16; the rows stay fp32
         segments = self._segments(values)
         first = self._first_write(param, segments)
         for task, start, end in segments:
@@ -140,9 +141,10 @@ class TaskSplit:
             views = self._views[weight]
             segments = self._segments(x)
             first = self._first_write(weight, segments)
+            dtype = views[0].dtype  # under autocast x and grad are bf16/fp16; the rows stay fp32
             for task, start, end in segments:
-                xs = x[start:end].reshape(-1, x.shape[-1]).to(grad.dtype)
-                gs = grad[start:end].reshape(-1, grad.shape[-1])
+                xs = x[start:end].reshape(-1, x.shape[-1]).to(dtype)
+                gs = grad[start:end].reshape(-1, grad.shape[-1]).to(dtype)
                 if first:
                     torch.mm(gs.T, xs, out=views[task])
                 else:
@@ -179,6 +181,7 @@ class TaskSplit:
             if module.padding_idx is not None:  # nn.Embedding never updates the padding row
                 grad = grad * (ids != module.padding_idx).unsqueeze(-1).to(grad.dtype)
             views = self._views[module.weight]
+            grad = grad.to(views[0].dtype)
             segments = self._segments(grad)
             if self._first_write(module.weight, segments):
                 for task, _, _ in segments:  # index_add_ below only adds

@@ -55,6 +55,22 @@ class MetricsLog:
             self.writer.close()
 
 
+class DiscardedMetrics(MetricsLog):
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's metrics)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def log(self, event: str, update: int, values: dict[str, float]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
