@@ -1,0 +1,43 @@
+"""A ``torchrun`` worker for tests/test_distributed.py: ``torchrun --nproc-per-node 2 ddp_worker.py SPEC``.
+
+SPEC is a JSON file ``{"runs": [{"config": {...}, "out": DIR}, ...], "kill_rank": R, "kill_at": U}``:
+each run is trained in turn in the same process group, then every rank saves its balancer's
+state as ``DIR/balancer.rank<R>.pt`` (so a test can compare the ranks). With ``kill_rank``, that
+rank SIGKILLs itself when it is about to take update ``kill_at`` (a crashed process, as the
+kernel would kill it); the product has no such hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from polycats.config import config_from_dict
+from polycats.train.trainer import Trainer
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    for run in spec["runs"]:
+        trainer = Trainer(config_from_dict(run["config"]), run["out"], progress=False)
+        if trainer.world.rank == spec.get("kill_rank"):
+            step = trainer.train_step
+
+            def train_step(drawn, step=step, trainer=trainer):
+                if trainer.state.update == spec["kill_at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return step(drawn)
+
+            trainer.train_step = train_step
+        trainer.fit()
+        torch.save(trainer.balancer.state_dict(), Path(run["out"]) / f"balancer.rank{trainer.world.rank}.pt")
+    trainer.world.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

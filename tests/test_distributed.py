@@ -1,0 +1,113 @@
+"""Data parallelism with torchrun (2 gloo processes on the CPU).
+
+Two processes with ``update_freq=1`` train on the same micro-batches as one process with
+``update_freq=2`` (tests/test_accumulation.py checks that this equals one large batch), so their
+parameters must agree within float tolerance, for the scalar balancer and for CATS, and every
+rank must hold the same balancer state (α, λ, ...). A rank killed with SIGKILL, then the
+documented command (``torchrun ... -m polycats train``), must end bit-identical to the
+uninterrupted two-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polycats.config import config_from_dict
+from polycats.train.metrics import read_metrics
+from polycats.train.trainer import train
+
+from test_crash_resume import same
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+CONFIG = {
+    "name": "ddp",
+    "data": {"source": "synthetic", "languages": {"de": 80, "fr": 60, "sw": 20}, "valid_per_lang": 8, "test_per_lang": 8,
+             "vocab_size": 60, "max_len": 40, "synthetic": {"words": 8, "min_words": 2, "max_words": 5}},
+    "model": {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0,
+              "attention_dropout": 0.0},
+    "train": {"max_updates": 8, "max_tokens": 160, "warmup_updates": 2, "save_every": 3, "valid_every": 4,
+              "log_every": 2, "threads": 1},
+}
+BALANCERS = {"scalar": {"name": "scalar"}, "cats": {"name": "cats", "warmup_steps": 1, "update_every": 1}}
+
+
+def config(balancer: str, **train) -> dict:
+    return {**CONFIG, "balancer": BALANCERS[balancer], "train": {**CONFIG["train"], **train}}
+
+
+def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def launch(tmp_path: Path, name: str, runs: list[tuple[dict, Path]], **spec) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"runs": [{"config": c, "out": str(out)} for c, out in runs], **spec}))
+    return torchrun(str(WORKER), str(path), check=not spec)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """The scalar and the CATS run, each by two processes without interruption."""
+    root = tmp_path_factory.mktemp("ddp")
+    launch(root, "both", [(config("scalar"), root / "scalar"), (config("cats"), root / "cats")])
+    return root
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("balancer", ["scalar", "cats"])
+def test_two_processes_equal_one_with_the_same_global_batch(two_processes, tmp_path, balancer):
+    train(config_from_dict(config(balancer, update_freq=2)), tmp_path / "one", progress=False)
+    one, two = load(tmp_path / "one" / "checkpoints" / "last.pt"), load(two_processes / balancer / "checkpoints" / "last.pt")
+    assert two["world_size"] == 2 and two["update"] == one["update"] == 8 and len(two["rank_rng"]) == 2
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert two["sampler"] == one["sampler"]  # the same batches were drawn
+    # Every rank ends with the same balancer state, bit for bit (α, λ and the EMAs for CATS).
+    same(load(two_processes / balancer / "balancer.rank0.pt"), load(two_processes / balancer / "balancer.rank1.pt"))
+    if balancer == "cats":
+        alpha = two["balancer"]["alpha"]
+        assert not torch.allclose(alpha, torch.ones_like(alpha))
+        torch.testing.assert_close(alpha, one["balancer"]["alpha"], rtol=1e-4, atol=1e-6)
+    valid_one = [e["valid_nll"] for e in read_metrics(tmp_path / "one") if e["event"] == "valid"]
+    valid_two = [e["valid_nll"] for e in read_metrics(two_processes / balancer) if e["event"] == "valid"]
+    assert valid_two == pytest.approx(valid_one, rel=1e-5)
+
+
+def test_a_killed_rank_resumes_to_the_uninterrupted_run(two_processes, tmp_path):
+    run = tmp_path / "cats"
+    killed = launch(tmp_path, "killed", [(config("cats"), run)], kill_rank=1, kill_at=5)
+    assert killed.returncode != 0
+    assert load(run / "checkpoints" / "last.pt")["update"] == 3  # saved at 3, killed before update 6
+    config_file = tmp_path / "cats.yaml"
+    config_file.write_text(config_from_dict(config("cats")).to_yaml())
+    resumed = torchrun("-m", "polycats", "train", str(config_file), "--out", str(run))
+    assert "resumed from update 3" in resumed.stdout
+    reference = two_processes / "cats"
+    same(load(reference / "checkpoints" / "last.pt"), load(run / "checkpoints" / "last.pt"), "last.pt")
+    strip = lambda events: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]  # noqa: E731
+    assert strip(read_metrics(reference)) == strip(read_metrics(run))
+
+
+def test_resuming_with_another_number_of_processes_is_refused(two_processes, tmp_path):
+    import shutil
+
+    from polycats.errors import PolycatsError
+
+    shutil.copytree(two_processes / "scalar", tmp_path / "scalar")
+    with pytest.raises(PolycatsError, match="trained by 2 process.*--nproc-per-node"):
+        train(config_from_dict(config("scalar", max_updates=9)), tmp_path / "scalar", progress=False)
