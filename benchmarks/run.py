@@ -28,6 +28,7 @@ import eigen_vs_pyhessian  # noqa: E402
 import hf_marian  # noqa: E402
 import hf_overhead  # noqa: E402
 import prepare_all  # noqa: E402
+import scale  # noqa: E402
 import tiny  # noqa: E402
 
 BENCHMARKS = {
@@ -44,6 +45,8 @@ BENCHMARKS = {
     "hf_train_throughput": ("Training throughput vs HF MarianMTModel of the same size (demo preset)", hf_marian.throughput_rows),
     "hf_beam": ("Greedy and beam decoding vs HF MarianMTModel generate (demo preset)", hf_marian.beam_rows),
     "hf_overhead": ("HF integration (scalar balancer) vs plain Seq2SeqTrainer at equal steps (demo preset)", hf_overhead.rows),
+    "processes": ("1 process vs 2 torchrun processes at the same global batch (demo preset, 2 cores)", scale.process_rows),
+    "precision": ("fp32 vs bf16 autocast on the CPU (demo preset)", scale.precision_rows),
     "peer_cost": ("Seconds per update of every balancer (demo preset)", balancer_cost.peer_rows),
     "cost_vs_k": ("Cost per update vs number of languages K (demo model and batch)", balancer_cost.k_rows),
 }

@@ -35,7 +35,13 @@ CONFIG = {
     "train": {"max_updates": 8, "max_tokens": 160, "warmup_updates": 2, "save_every": 3, "valid_every": 4,
               "log_every": 2, "threads": 1},
 }
-BALANCERS = {"scalar": {"name": "scalar"}, "cats": {"name": "cats", "warmup_steps": 1, "update_every": 1}}
+CATS = {"name": "cats", "warmup_steps": 1, "update_every": 1}
+BALANCERS = {
+    "scalar": {"name": "scalar"},
+    "cats": CATS,
+    "cats-hvp": {**CATS, "constraint": "hvp"},  # the curvature probe: a scalar all-reduced per probe
+    "cats-valid": {**CATS, "source": "valid", "constraint": "hvp"},  # validation rows computed per rank, summed
+}
 
 
 def config(balancer: str, **train) -> dict:
@@ -59,9 +65,9 @@ def launch(tmp_path: Path, name: str, runs: list[tuple[dict, Path]], **spec) -> 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
-    """The scalar and the CATS run, each by two processes without interruption."""
+    """A run of each balancer by two processes without interruption."""
     root = tmp_path_factory.mktemp("ddp")
-    launch(root, "both", [(config("scalar"), root / "scalar"), (config("cats"), root / "cats")])
+    launch(root, "all", [(config(balancer), root / balancer) for balancer in BALANCERS])
     return root
 
 
@@ -69,7 +75,7 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("balancer", ["scalar", "cats"])
+@pytest.mark.parametrize("balancer", list(BALANCERS))
 def test_two_processes_equal_one_with_the_same_global_batch(two_processes, tmp_path, balancer):
     train(config_from_dict(config(balancer, update_freq=2)), tmp_path / "one", progress=False)
     one, two = load(tmp_path / "one" / "checkpoints" / "last.pt"), load(two_processes / balancer / "checkpoints" / "last.pt")
@@ -79,7 +85,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(two_processes, tmp_p
     assert two["sampler"] == one["sampler"]  # the same batches were drawn
     # Every rank ends with the same balancer state, bit for bit (α, λ and the EMAs for CATS).
     same(load(two_processes / balancer / "balancer.rank0.pt"), load(two_processes / balancer / "balancer.rank1.pt"))
-    if balancer == "cats":
+    if balancer.startswith("cats"):
         alpha = two["balancer"]["alpha"]
         assert not torch.allclose(alpha, torch.ones_like(alpha))
         torch.testing.assert_close(alpha, one["balancer"]["alpha"], rtol=1e-4, atol=1e-6)
