@@ -1,10 +1,12 @@
 """A ``torchrun`` worker for tests/test_distributed.py: ``torchrun --nproc-per-node 2 ddp_worker.py SPEC``.
 
-SPEC is a JSON file ``{"runs": [{"config": {...}, "out": DIR}, ...], "kill_rank": R, "kill_at": U}``:
-each run is trained in turn in the same process group, then every rank saves its balancer's
-state as ``DIR/balancer.rank<R>.pt`` (so a test can compare the ranks). With ``kill_rank``, that
-rank SIGKILLs itself when it is about to take update ``kill_at`` (a crashed process, as the
-kernel would kill it); the product has no such hook.
+SPEC is a JSON file ``{"runs": [{"config": {...}, "out": DIR, "poison": {"rank": R, "batches": [B]}},
+...], "kill_rank": R, "kill_at": U}``: each run is trained in turn in the same process group, then
+every rank saves its balancer's state as ``DIR/balancer.rank<R>.pt`` (so a test can compare the
+ranks). With ``poison``, the losses of those steps (counted from 1, skipped ones included) are
+NaN on that rank only (tests/nan_injection.py). With ``kill_rank``, that rank SIGKILLs itself when
+it is about to take update ``kill_at`` (a crashed process, as the kernel would kill it); the
+product has no such hook.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from polycats.config import config_from_dict
 from polycats.train.trainer import Trainer
+
+from nan_injection import poison_batches
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     for run in spec["runs"]:
         trainer = Trainer(config_from_dict(run["config"]), run["out"], progress=False)
+        patch = pytest.MonkeyPatch()
+        if run.get("poison", {}).get("rank") == trainer.world.rank:
+            poison_batches(patch, run["poison"]["batches"])
         if trainer.world.rank == spec.get("kill_rank"):
             step = trainer.train_step
 
@@ -35,6 +43,7 @@ def main(spec_path: str) -> None:
 
             trainer.train_step = train_step
         trainer.fit()
+        patch.undo()
         torch.save(trainer.balancer.state_dict(), Path(run["out"]) / f"balancer.rank{trainer.world.rank}.pt")
     trainer.world.close()
 

@@ -23,6 +23,7 @@ from polycats.config import config_from_dict
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
+from nan_injection import poison_batches
 from test_crash_resume import same
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -41,7 +42,11 @@ BALANCERS = {
     "cats": CATS,
     "cats-hvp": {**CATS, "constraint": "hvp"},  # the curvature probe: a scalar all-reduced per probe
     "cats-valid": {**CATS, "source": "valid", "constraint": "hvp"},  # validation rows computed per rank, summed
+    "pcgrad": {"name": "pcgrad"},
+    "gradvac": {"name": "gradvac"},  # draws its task order from the random state shared by the ranks
+    "dro": {"name": "dro"},
 }
+POISONED = [4]  # the 4th step's loss is NaN on rank 1 only: every rank must skip it
 
 
 def config(balancer: str, **train) -> dict:
@@ -57,17 +62,20 @@ def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def launch(tmp_path: Path, name: str, runs: list[tuple[dict, Path]], **spec) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, name: str, runs: list[dict], check: bool = True, **spec) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py under torchrun on ``runs`` (``{"config", "out"[, "poison"]}`` each)."""
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({"runs": [{"config": c, "out": str(out)} for c, out in runs], **spec}))
-    return torchrun(str(WORKER), str(path), check=not spec)
+    path.write_text(json.dumps({"runs": [{**run, "out": str(run["out"])} for run in runs], **spec}))
+    return torchrun(str(WORKER), str(path), check=check)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     """A run of each balancer by two processes without interruption."""
     root = tmp_path_factory.mktemp("ddp")
-    launch(root, "all", [(config(balancer), root / balancer) for balancer in BALANCERS])
+    runs = [{"config": config(balancer), "out": root / balancer} for balancer in BALANCERS]
+    runs.append({"config": config("cats"), "out": root / "cats-nan", "poison": {"rank": 1, "batches": POISONED}})
+    launch(root, "all", runs)
     return root
 
 
@@ -96,7 +104,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(two_processes, tmp_p
 
 def test_a_killed_rank_resumes_to_the_uninterrupted_run(two_processes, tmp_path):
     run = tmp_path / "cats"
-    killed = launch(tmp_path, "killed", [(config("cats"), run)], kill_rank=1, kill_at=5)
+    killed = launch(tmp_path, "killed", [{"config": config("cats"), "out": run}], check=False, kill_rank=1, kill_at=5)
     assert killed.returncode != 0
     assert load(run / "checkpoints" / "last.pt")["update"] == 3  # saved at 3, killed before update 6
     config_file = tmp_path / "cats.yaml"
@@ -117,3 +125,17 @@ def test_resuming_with_another_number_of_processes_is_refused(two_processes, tmp
     shutil.copytree(two_processes / "scalar", tmp_path / "scalar")
     with pytest.raises(PolycatsError, match="trained by 2 process.*--nproc-per-node"):
         train(config_from_dict(config("scalar", max_updates=9)), tmp_path / "scalar", progress=False)
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_is_skipped_on_every_rank(two_processes, tmp_path, monkeypatch):
+    run = two_processes / "cats-nan"
+    skipped = [e for e in read_metrics(run) if e["event"] == "skipped_update"]
+    assert [(e["update"], e["reason"]) for e in skipped] == [(3, "loss")]
+    same(load(run / "balancer.rank0.pt"), load(run / "balancer.rank1.pt"))
+    # One process skipping the same step (its 4th: both micro-batches) ends where the two did.
+    poison_batches(monkeypatch, POISONED)
+    train(config_from_dict(config("cats", update_freq=2)), tmp_path / "one", progress=False)
+    one, two = load(tmp_path / "one" / "checkpoints" / "last.pt"), load(run / "checkpoints" / "last.pt")
+    assert one["update"] == two["update"] == 8 and one["skipped_total"] == two["skipped_total"] == 1
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
