@@ -152,7 +152,8 @@ def translation_metrics(
             hyps.append(hypothesis)
             refs.append(reference)
         scores = score_directions(outputs)
-        metrics = {f"{metric}/{task}": getattr(score, metric) for task, score in scores.items() for metric in ("bleu", "chrf")}
+        metrics = {f"{name}/{task}": value for task, score in scores.items()
+                   for name, value in (("bleu", score.bleu), ("chrf", score.chrf))}
         if groups is not None:
             for group, average in group_averages(scores, groups).items():
                 metrics.update({f"{metric}/{group}": average[metric] for metric in ("bleu", "chrf")
