@@ -7,6 +7,7 @@ SIGINT/SIGTERM saves a checkpoint and exits 128 + signal.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import warnings
@@ -105,8 +106,9 @@ def train(
     require_writable(out, "--out")
     valid = run_training(load_config(config, [*(set_ or []), f"train.device={device}"] if device else set_), out,
                          restart=restart)
-    console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
-                  f"(metrics.jsonl, checkpoints/, tb/)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for every process
+        console.print(f"done: {out}  valid NLL {valid.get('valid_nll', float('nan')):.3f}  "
+                      f"(metrics.jsonl, checkpoints/, tb/)")
 
 
 @app.command()
