@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,23 @@ def test_a_loss_that_is_not_finite_on_one_rank_is_skipped_on_every_rank(two_proc
     assert one["update"] == two["update"] == 8 and one["skipped_total"] == two["skipped_total"] == 1
     for name, tensor in one["model"].items():
         torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_run_directory_in_use_stops_every_rank_with_one_message(tmp_path):
+    from polycats.run.directory import RunLock
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    config_file = tmp_path / "scalar.yaml"
+    config_file.write_text(config_from_dict(config("scalar")).to_yaml())
+    lock = RunLock(run / ".lock").acquire()  # another training run holds it
+    try:
+        result = torchrun("-m", "polycats", "train", str(config_file), "--out", str(run), check=False)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    # Rank 0 is refused the lock and tells rank 1, which stops with the same message (no hang).
+    assert result.stderr.count("is in use by another training run") == 2, result.stderr[-2000:]
+    assert not re.search(r'polycats/\S+\.py", line', result.stderr)  # no traceback of ours (torchrun adds its own report)
+    assert "exitcode  : 2" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
