@@ -61,27 +61,39 @@ class TrainState:
         )
 
 
-def rng_state(device: torch.device | None = None) -> dict:
-    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy,
-    and on a CUDA ``device`` that device's generator (dropout and GradDrop draw there)."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-    }
+def torch_rng_state(device: torch.device | None = None) -> dict:
+    """torch's random state (dropout's): the CPU generator's and, on a CUDA ``device``, that
+    device's."""
+    state = {"torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore :func:`rng_state`; a CUDA state is restored only when training on CUDA (a run moved
-    to another device resumes, though not bit-identically)."""
+def set_torch_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`torch_rng_state`; a CUDA state only when training on CUDA (a run moved to
+    another device resumes, though not bit-identically)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random state training may touch: torch (dropout, GradVac's order), Python, NumPy,
+    and on a CUDA ``device`` that device's generator (dropout and GradDrop draw there)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        **torch_rng_state(device),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`."""
+    set_torch_rng_state(state, device)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]

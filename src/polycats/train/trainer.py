@@ -55,7 +55,7 @@ from polycats.run.checkpoint import (
 from polycats.run.directory import OUTPUTS, RunDir, RunLock, config_differences, summarise, with_current_defaults
 from polycats.train.distributed import World
 from polycats.train.metrics import DiscardedMetrics, MetricsLog
-from polycats.train.state import TrainState, rng_state, set_rng_state
+from polycats.train.state import TrainState, rng_state, set_rng_state, set_torch_rng_state, torch_rng_state
 from polycats.version import __version__
 
 MAX_SKIPPED_IN_A_ROW = 20
@@ -221,7 +221,7 @@ class Trainer:
         if self.world.size > 1:  # each rank's own dropout masks; init above was the same everywhere
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(t.seed * 1_000_003 + self.world.rank)
-                self.rank_rng = rng_state(self.device)
+                self.rank_rng = torch_rng_state(self.device)
         self.agreed_stop = False  # under torchrun: some rank was asked to stop (SIGINT/SIGTERM)
         train = self.data.split("train")
         self.sampling = SamplingSchedule.from_config(config.sampling, self.data.task_table)
@@ -420,7 +420,7 @@ class Trainer:
         stack = ExitStack()
         precision = self.config.train.precision
         if precision != "fp32":
-            stack.enter_context(torch.autocast(self.device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])))
+            stack.enter_context(torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision]))
         if self.world.size > 1:
             stack.enter_context(self.rank_random_state())
         return stack
@@ -429,9 +429,9 @@ class Trainer:
     def rank_random_state(self) -> Iterator[None]:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            set_rng_state(self.rank_rng, self.device)
+            set_torch_rng_state(self.rank_rng, self.device)
             yield
-            self.rank_rng = rng_state(self.device)
+            self.rank_rng = torch_rng_state(self.device)
 
     def task_losses(self, batch: Batch, step_totals: TaskTotals) -> tuple[Tensor, Tensor]:
         """Forward pass of the whole batch: each task's training-loss sum ``S_i`` (with graph) and
