@@ -1,12 +1,12 @@
 """A ``torchrun`` worker for tests/test_distributed.py: ``torchrun --nproc-per-node 2 ddp_worker.py SPEC``.
 
 SPEC is a JSON file ``{"runs": [{"config": {...}, "out": DIR, "poison": {"rank": R, "batches": [B]}},
-...], "kill_rank": R, "kill_at": U}``: each run is trained in turn in the same process group, then
+...], "signal": {"rank": R, "at": U, "name": "SIGKILL"}}``: each run is trained in turn in the same process group, then
 every rank saves its balancer's state as ``DIR/balancer.rank<R>.pt`` (so a test can compare the
 ranks). With ``poison``, the losses of those steps (counted from 1, skipped ones included) are
-NaN on that rank only (tests/nan_injection.py). With ``kill_rank``, that rank SIGKILLs itself when
-it is about to take update ``kill_at`` (a crashed process, as the kernel would kill it); the
-product has no such hook.
+NaN on that rank only (tests/nan_injection.py). With ``signal``, that rank sends itself the signal
+when it is about to take update ``at``: SIGKILL as the kernel would kill a crashed process,
+SIGTERM as a scheduler would stop a job; the product has no such hook.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def main(spec_path: str) -> None:
         patch = pytest.MonkeyPatch()
         if run.get("poison", {}).get("rank") == trainer.world.rank:
             poison_batches(patch, run["poison"]["batches"])
-        if trainer.world.rank == spec.get("kill_rank"):
+        sent = spec.get("signal", {})
+        if trainer.world.rank == sent.get("rank"):
             step = trainer.train_step
 
             def train_step(drawn, step=step, trainer=trainer):
-                if trainer.state.update == spec["kill_at"]:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if trainer.state.update == sent["at"]:
+                    os.kill(os.getpid(), signal.Signals[sent["name"]])
                 return step(drawn)
 
             trainer.train_step = train_step

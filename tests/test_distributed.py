@@ -103,15 +103,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(two_processes, tmp_p
     assert valid_two == pytest.approx(valid_one, rel=1e-5)
 
 
-def test_a_killed_rank_resumes_to_the_uninterrupted_run(two_processes, tmp_path):
+@pytest.mark.parametrize("name, saved", [("SIGKILL", 3), ("SIGTERM", 6)])
+def test_a_rank_killed_or_stopped_resumes_to_the_uninterrupted_run(two_processes, tmp_path, name, saved):
+    """SIGKILL before update 6: the checkpoint of update 3 is the last. SIGTERM then: both ranks
+    finish update 6, save it and stop."""
     run = tmp_path / "cats"
-    killed = launch(tmp_path, "killed", [{"config": config("cats"), "out": run}], check=False, kill_rank=1, kill_at=5)
-    assert killed.returncode != 0
-    assert load(run / "checkpoints" / "last.pt")["update"] == 3  # saved at 3, killed before update 6
+    stopped = launch(tmp_path, "stopped", [{"config": config("cats"), "out": run}], check=False,
+                     signal={"rank": 1, "at": 5, "name": name})
+    assert stopped.returncode != 0
+    assert load(run / "checkpoints" / "last.pt")["update"] == saved
+    if name == "SIGTERM":
+        assert stopped.stderr.count("SIGTERM received: stopped after update 6/8") == 2, stopped.stderr[-3000:]
     config_file = tmp_path / "cats.yaml"
     config_file.write_text(config_from_dict(config("cats")).to_yaml())
     resumed = torchrun("-m", "polycats", "train", str(config_file), "--out", str(run))
-    assert "resumed from update 3" in resumed.stdout and resumed.stdout.count("done: ") == 1  # rank 0 reports
+    assert f"resumed from update {saved}" in resumed.stdout and resumed.stdout.count("done: ") == 1  # rank 0 reports
     reference = two_processes / "cats"
     same(load(reference / "checkpoints" / "last.pt"), load(run / "checkpoints" / "last.pt"), "last.pt")
     strip = lambda events: [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]  # noqa: E731
