@@ -25,18 +25,13 @@ from polycats.train.metrics import read_metrics
 from polycats.train.trainer import train
 
 from nan_injection import poison_batches
+from test_accumulation import BASE
 from test_crash_resume import same
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-CONFIG = {
-    "name": "ddp",
-    "data": {"source": "synthetic", "languages": {"de": 80, "fr": 60, "sw": 20}, "valid_per_lang": 8, "test_per_lang": 8,
-             "vocab_size": 60, "max_len": 40, "synthetic": {"words": 8, "min_words": 2, "max_words": 5}},
-    "model": {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0,
-              "attention_dropout": 0.0},
-    "train": {"max_updates": 8, "max_tokens": 160, "warmup_updates": 2, "save_every": 3, "valid_every": 4,
-              "log_every": 2, "threads": 1},
-}
+# The accumulation tests' data and model (dropout off: ranks draw other dropout masks than one process).
+CONFIG = {**BASE, "name": "ddp", "train": {"max_updates": 8, "max_tokens": 160, "warmup_updates": 2, "save_every": 3,
+                                           "valid_every": 4, "log_every": 2, "threads": 1}}
 CATS = {"name": "cats", "warmup_steps": 1, "update_every": 1}
 BALANCERS = {
     "scalar": {"name": "scalar"},
