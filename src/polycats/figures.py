@@ -28,42 +28,43 @@ def similarity_heatmap(similarity, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def training_curves(runs: dict[str, list[dict]], path: Path) -> None:
-    """Paper Fig 5: λ_max (HiRes, LoRes, combined) and the HiRes/LoRes cosine over updates, one
-    line per run."""
-    keys = [("lambda_max/HiRes", "λ_max HiRes"), ("lambda_max/LoRes", "λ_max LoRes"),
-            ("lambda_max/combined", "λ_max combined"), ("cosine/HiRes-LoRes", "cosine HiRes/LoRes")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), constrained_layout=True)
-    for ax, (key, label) in zip(axes, keys):
-        for name, points in runs.items():
-            xs = [p["update"] for p in points if p.get(key) is not None]
-            ys = [p[key] for p in points if p.get(key) is not None]
+def line_panels(panels: list[tuple[str, dict[str, tuple[list, list]], dict]], path: Path) -> None:
+    """One row of panels ``(title, {line name: (updates, values)}, plot options)`` over updates,
+    the legend on the first; lines without points are left out."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for ax, (title, lines, style) in zip(axes, panels):
+        for name, (xs, ys) in lines.items():
             if xs:
-                ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(label)
+                ax.plot(xs, ys, label=name, **style)
+        ax.set_title(title)
         ax.set_xlabel("update")
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def training_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Paper Fig 5: λ_max (HiRes, LoRes, combined) and the HiRes/LoRes cosine over updates, one
+    line per run."""
+    keys = [("lambda_max/HiRes", "λ_max HiRes"), ("lambda_max/LoRes", "λ_max LoRes"),
+            ("lambda_max/combined", "λ_max combined"), ("cosine/HiRes-LoRes", "cosine HiRes/LoRes")]
+    line_panels([(label, {name: ([p["update"] for p in points if p.get(key) is not None],
+                                 [p[key] for p in points if p.get(key) is not None]) for name, points in runs.items()},
+                  {"marker": "o"}) for key, label in keys], path)
 
 
 def nll_curves(runs: dict[str, list[dict]], path: Path) -> None:
     """Paper Fig 1/6: train and valid NLL of the LoRes and HiRes groups over updates, one line per
     run (``runs``: name -> metrics.jsonl events)."""
     panels = [("train", "train_nll/LoRes"), ("train", "train_nll/HiRes"), ("valid", "valid_nll/LoRes"), ("valid", "valid_nll/HiRes")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
-    for ax, (event, key) in zip(axes, panels):
-        for name, events in runs.items():
-            points = [(e["update"], e[key]) for e in events if e.get("event") == event and e.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), label=name, marker="o" if event == "valid" else None, markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("update")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def series(events: list[dict], event: str, key: str) -> tuple[list, list]:
+        chosen = [e for e in events if e.get("event") == event and e.get(key) is not None]
+        return [e["update"] for e in chosen], [e[key] for e in chosen]
+
+    line_panels([(key, {name: series(events, event, key) for name, events in runs.items()},
+                  {"marker": "o" if event == "valid" else None, "markersize": 3}) for event, key in panels], path)
 
 
 def alpha_curves(events: list[dict], path: Path, title: str = "CATS") -> None:
