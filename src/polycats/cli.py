@@ -251,12 +251,14 @@ def demo(
     methods: Annotated[str, typer.Option(
         "--methods", help=f"comma-separated, any of: {', '.join(METHODS)}")] = "T=1,T=5,CATS",
     set_: SetOption = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="runs trained at once, sharing the cores "
+                                                "(default: all of them)")] = None,
 ) -> None:
     """The main job: T=1 vs T=5 vs CATS on the demo preset (Bible, de/fr vs sw/tl → en), with a summary."""
     from polycats.demo import run_demo
 
     require_writable(out, "--out")
-    run_demo(out, set_ or [], console, tuple(m.strip() for m in methods.split(",") if m.strip()))
+    run_demo(out, set_ or [], console, tuple(m.strip() for m in methods.split(",") if m.strip()), jobs)
 
 
 def main() -> None:
