@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench results clean
+.PHONY: install demo test test-slow bench grids results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,22 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-# docs/results.md from every experiment grid under runs/experiments (polycats experiment ... --out runs/experiments/NAME).
+# The report's grids, run (or continued: finished runs are skipped) from a worktree at the commit
+# their runs record, so main can move while they train; results/experiments/ keeps what they write
+# (checkpoints stay local). GRID_WORKERS runs at a time, one thread each.
+GRID_COMMIT  := 1ec971063ea1beb013142e859a2c652948e781c8
+GRIDS        ?= ted_like wmt_like many o2m batch4x ablation overparam
+GRID_WORKERS ?= 2
+grids: $(STAMP)
+	test -d .grid-code || git worktree add --detach .grid-code $(GRID_COMMIT)
+	for grid in $(GRIDS); do \
+	  PYTHONPATH=$(CURDIR)/.grid-code/src OMP_NUM_THREADS=1 $(BIN)/python -m polycats experiment \
+	    .grid-code/configs/experiments/$$grid.yaml --out results/experiments/$$grid --workers $(GRID_WORKERS) || exit 1; \
+	done
+
+# docs/results.md from every grid under results/experiments.
 results: $(STAMP)
-	$(BIN)/polycats report runs/experiments/*/ --out runs/report --results docs/results.md
+	$(BIN)/polycats report results/experiments/*/ --out reports/results --results docs/results.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
