@@ -5,6 +5,7 @@ real tables; the inputs it accepts and refuses."""
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -155,6 +156,18 @@ def test_the_report_takes_folders_of_runs_and_single_runs_and_refuses_the_rest(t
     process = run_cli(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], cwd=tmp_path)
     assert_one_line_error(process, "missing does not exist")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_overview_names_the_commits_of_the_evaluated_runs_only(tiny_grid, tmp_path):
+    """A run still training (no test evaluation yet) is counted as not trained, and its commit
+    is not listed beside the numbers it did not produce."""
+    grid = tmp_path / "exp"
+    shutil.copytree(tiny_grid, grid, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    record = json.loads((grid / "runs" / "cats-s2" / "experiment.json").read_text())
+    (grid / "runs" / "cats-s2" / "experiment.json").write_text(json.dumps({**record, "status": "running", "commit": "feed" * 10}))
+    (grid / "runs" / "cats-s2" / "eval" / "test.json").unlink()
+    text = build_report([grid], tmp_path / "report").read_text()
+    assert "5 of 6 runs trained and evaluated" in text and "`c0ffeec0ffee` (5 runs)" in text and "feedfeed" not in text
 
 
 def test_the_report_command_writes_the_page_and_the_results_copy(tiny_grid, tmp_path):

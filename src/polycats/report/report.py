@@ -206,7 +206,7 @@ def overview_section(grid: Grid) -> list[str]:
     if not grid.runs:
         return lines + [""]
     commits: dict[str, int] = {}
-    for run in grid.runs:
+    for run in finished or grid.runs:  # the commits of the runs the tables show
         commits[run.commit or "unrecorded"] = commits.get(run.commit or "unrecorded", 0) + 1
     commit_list = ", ".join(f"`{commit[:12]}` ({plural(n, 'run')})" for commit, n in commits.items())
     config = grid.runs[0].config
