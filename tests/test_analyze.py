@@ -3,8 +3,10 @@ budget reported as such, the progress bar, and periodic training diagnostics tha
 training."""
 
 import json
+import shutil
 
 import pytest
+from cli_runner import assert_one_line_error, run_cli
 
 from polycats.config import config_from_dict
 from polycats.diagnostics.analyze import analyze_run
@@ -46,6 +48,17 @@ def test_analyze_writes_similarity_curvature_and_figures_for_every_snapshot(tiny
         eigenvalues = {key for key in row if key.startswith("lambda_")}
         assert set(row["converged"]) == set(row["matvecs"]) == eigenvalues
         assert all(row["converged"].values()) and all(0 < n <= 30 for n in row["matvecs"].values())
+
+
+def test_updates_picks_snapshots_and_a_missing_one_is_one_line_naming_what_there_is(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("analysis"))
+    summary = analyze_run(run, settings=DiagnosticSettings(sentences=4, tol=1e-2, max_iter=30), updates=[4])
+    assert [row["update"] for row in summary["checkpoints"]] == [4]
+    process = run_cli(["analyze", str(run), "--updates", "2,3"], cwd=tmp_path)
+    assert_one_line_error(process, "no snapshot of update 3", "it has 2, 4")
+    assert_one_line_error(run_cli(["analyze", str(run), "--updates", "2,x"], cwd=tmp_path), "e.g. 500,1500,2500")
+    assert_one_line_error(run_cli(["analyze", str(run), "--updates", "2", "--checkpoint", "last"], cwd=tmp_path), "one of them")
 
 
 def test_a_solve_out_of_budget_is_reported_not_waited_out(tiny_run):

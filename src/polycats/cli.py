@@ -176,6 +176,8 @@ def analyze(
                                         "and combined (3 solves instead of K + 3: the Fig 5 curves)")] = True,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    updates: Annotated[Optional[str], typer.Option(help="only the snapshots of these updates, e.g. 500,1500,2500 "
+                                                   "(default: every snapshot)")] = None,
 ) -> None:
     """Gradient similarity and top Hessian eigenvalues → RUN_DIR/analysis/ (JSON, CSV, PNG)."""
     from rich.table import Table
@@ -186,9 +188,15 @@ def analyze(
         raise PolycatsError(f"--method must be power_iteration or lanczos, not '{method}'")
     if not 0 < tol < 1:  # written so that nan fails too
         raise PolycatsError(f"--tol must be a number in (0, 1), e.g. 1e-4, not {tol}")
+    try:
+        chosen = [int(update) for update in updates.split(",")] if updates else None
+    except ValueError:
+        raise PolycatsError(f"--updates must be update numbers separated by commas, e.g. 500,1500,2500, not '{updates}'") from None
+    if chosen and checkpoint is not None:
+        raise PolycatsError("--updates picks snapshots and --checkpoint one checkpoint: give one of them")
     require_writable_run(run_dir, "analysis/")
     settings = DiagnosticSettings(sentences=sentences, seed=seed, method=method, tol=tol, max_iter=max_iter, include_tasks=tasks)
-    summary = analyze_run(run_dir, checkpoint, settings, device=device, threads=threads)
+    summary = analyze_run(run_dir, checkpoint, settings, device=device, threads=threads, updates=chosen)
     rows = summary["checkpoints"]
     keys = sorted({k for row in rows for k, v in row.items() if k != "update" and not isinstance(v, dict)})
     table = Table(title=f"{run_dir} — diagnostics (λ_max: largest algebraic Hessian eigenvalue)")

@@ -32,8 +32,10 @@ def analyze_run(
     progress: bool | None = None,
     device: str | None = None,
     threads: int | None = None,
+    updates: list[int] | None = None,
 ) -> dict:
-    """Analyse one checkpoint (``best``, ``last`` or a path) or, by default, every snapshot.
+    """Analyse one checkpoint (``best``, ``last`` or a path) or, by default, every snapshot
+    (``updates``: only the snapshots of these updates).
 
     Writes ``RUN_DIR/analysis/``: ``similarity_<update>.json/.csv``, ``curvature.json`` (all
     checkpoints), ``summary.json`` and the figures. Each checkpoint's row of ``summary.json`` has
@@ -51,6 +53,12 @@ def analyze_run(
         targets = run.snapshots()
         if not targets:
             raise PolycatsError(f"no update_*.pt snapshots in {run.checkpoints}; train with train.keep_snapshots=true or pass --checkpoint")
+        if updates:
+            missing = sorted(set(updates) - {update for update, _ in targets})
+            if missing:
+                raise PolycatsError(f"--updates: no snapshot of update {', '.join(map(str, missing))} in {run.checkpoints}; "
+                                    f"it has {', '.join(str(update) for update, _ in targets)}")
+            targets = [(update, path) for update, path in targets if update in updates]
     else:
         path = Path(checkpoint) if checkpoint.endswith(".pt") else run.checkpoint_path(checkpoint)
         targets = [(-1, path)]
