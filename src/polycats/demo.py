@@ -5,8 +5,8 @@ two examples per language printed), then one summary table in ``OUT/summary.md``
 entries of ``METHODS`` (the peers, T=100), all on the same preset, budget and seed.
 
 The runs train side by side, each in its own ``polycats train`` process with an equal share of the
-cores (``--jobs`` at a time; their output goes to ``OUT/logs/``): small models use one core better
-than two, so on 2 cores three one-thread runs finish sooner than three two-thread runs in turn.
+cores (``--jobs`` at a time; their output goes to ``OUT/logs/``): a small model's run does not keep
+two cores busy, runs side by side do.
 """
 
 from __future__ import annotations
@@ -141,8 +141,6 @@ class SideBySide:
                             continue
                         del self.running[method]
                         if code != 0 and self.stop_signal is None:
-                            self.forward(signal.SIGTERM, None)  # stop the others: the demo has failed
-                            self.wait_for_all()
                             raise self.failure(method, phase, code)
                         if phase == "train" and self.stop_signal is None:
                             self.start(method, "evaluate")
@@ -154,17 +152,16 @@ class SideBySide:
                         progress.update(bars[method], completed=done, phase=phase)
                     time.sleep(0.5)
         finally:
+            if self.running:  # left early (a run failed): the others save and stop too
+                self.forward(signal.SIGTERM, None)
+                for _, process in self.running.values():
+                    process.wait()
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if self.stop_signal is not None:
             raise Interrupted(f"{signal.Signals(self.stop_signal).name} received: the runs in {self.out} saved their "
                               "checkpoints; run the same command to resume", self.stop_signal)
         return timings
-
-    def wait_for_all(self) -> None:
-        for _, process in self.running.values():
-            process.wait()
-        self.running.clear()
 
 
 def run_demo(out: Path, overrides: list[str], console: Console, methods: tuple[str, ...] = DEFAULT_METHODS,
