@@ -64,6 +64,7 @@ def test_the_report_of_a_grid_holds_every_table_and_figure(tiny_grid, tmp_path):
     assert re.search(r"\| T=1 \| 2 \| \d+\.\d ± \d+\.\d \|", text)  # mean ± CI half-width
     assert "| CATS improves LoRes | +0.8..+2.2 BLEU | tiny-grid |" in text
     assert "| lower top eigenvalue | lower λ_max | tiny-grid |" in text and "**Rule.**" in text
+    assert "| lower top eigenvalue, same loss | lower λ_max | tiny-grid |" in text
     assert text.count("- reference: ") == 3 * 2  # three per group, HiRes and LoRes
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert {"tiny-grid_nll.png", "tiny-grid_diagnostics.png", "settings_deltas.png"} <= set(images)
@@ -133,6 +134,17 @@ def test_the_claims_rule_on_fixture_numbers():
     assert lores.verdict == HOLDS
     assert found["HiRes not hurt"].verdict == FAILS  # 4 BLEU below T=1
     assert found["no temperature tuning needed"].verdict == FAILS  # 1 BLEU below T=1 on All, margin 0.5
+    # CATS halves the training loss's λ_max through α while the HiRes loss is 10% sharper: the
+    # combined-loss claim holds, the same-loss one does not.
+    for run in grid.runs:
+        sharper = 1.1 if run.method == "CATS" else 1.0
+        scale = 0.5 if run.method == "CATS" else 1.0
+        run.diagnostics = [{"update": u, "lambda_max/HiRes": sharper * h, "lambda_max/combined": scale * h}
+                           for u, h in ((500, 8.0), (1500, 6.0), (2500, 7.0))]
+    found = {c.claim: c for c in claims([grid])}
+    assert found["lower top eigenvalue"].difference.mean == pytest.approx(0.5) and found["lower top eigenvalue"].verdict == HOLDS
+    same_loss = found["lower top eigenvalue, same loss"]
+    assert same_loss.difference.mean == pytest.approx(-0.1) and same_loss.verdict == FAILS
     one_seed = fake_grid("batch4x", {"T=1": [(10.0, 30.0, 20.0)], "CATS": [(14.0, 30.0, 22.0)]})
     assert [(c.claim, c.verdict) for c in claims([one_seed])] == [("robust to a 4x batch (Fig 8)", INCONCLUSIVE)]
 
