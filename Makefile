@@ -33,7 +33,8 @@ test-slow: $(STAMP)
 # their runs record, so main can move while they train; results/experiments/ keeps what they write
 # (checkpoints stay local). GRID_WORKERS runs at a time, one thread each.
 GRID_COMMIT  := 1ec971063ea1beb013142e859a2c652948e781c8
-GRIDS        ?= ted_like wmt_like many o2m batch4x ablation overparam
+# The ablation right after the headline grid: it is what explains a CATS result either way.
+GRIDS        ?= ted_like ablation wmt_like many o2m batch4x overparam
 GRID_WORKERS ?= 2
 grids: $(STAMP)
 	test -d .grid-code || git worktree add --detach .grid-code $(GRID_COMMIT)
