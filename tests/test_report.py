@@ -18,7 +18,7 @@ from polycats import experiment
 from polycats.diagnostics.analyze import DiagnosticSettings, analyze_run
 from polycats.errors import PolycatsError
 from polycats.experiment import run_grid
-from polycats.report.report import Grid, Run, build_report, claims, collect, to_html
+from polycats.report.report import Grid, Run, ablation_section, build_report, claims, collect, to_html
 from polycats.report.stats import FAILS, HOLDS, INCONCLUSIVE, Difference, mean_ci, verdict, welch_difference
 
 BASE = {
@@ -102,14 +102,14 @@ def test_markdown_rendering_is_a_real_markdown_parser(tmp_path):
     assert "<strong>bold</strong>" in page and "|---|" not in page
 
 
-def fake_grid(name: str, scores: dict[str, list[tuple[float, float, float]]]) -> Grid:
+def fake_grid(name: str, scores: dict[str, list[tuple[float, float, float]]], base: str | None = None) -> Grid:
     """A grid whose runs carry only test scores: method -> [(LoRes, HiRes, All) per seed]."""
     runs = []
     for method, seeds in scores.items():
         for seed, (lores, hires, all_) in enumerate(seeds, 1):
             test = {"groups": {"LoRes": {"bleu": lores}, "HiRes": {"bleu": hires}, "All": {"bleu": all_}}}
             runs.append(Run(f"{method}-s{seed}", Path("."), method, seed, config={}, test=test))
-    return Grid(name, Path("."), runs)
+    return Grid(name, Path("."), runs, base=base)
 
 
 def test_the_claims_rule_on_fixture_numbers():
@@ -147,6 +147,25 @@ def test_the_claims_rule_on_fixture_numbers():
     assert same_loss.difference.mean == pytest.approx(-0.1) and same_loss.verdict == FAILS
     one_seed = fake_grid("batch4x", {"T=1": [(10.0, 30.0, 20.0)], "CATS": [(14.0, 30.0, 22.0)]})
     assert [(c.claim, c.verdict) for c in claims([one_seed])] == [("robust to a 4x batch (Fig 8)", INCONCLUSIVE)]
+
+
+def test_an_ablation_is_read_against_the_baselines_of_its_base_grid_at_equal_seed():
+    reference = fake_grid("ted_like", {
+        "T=1": [(10.0, 30.0, 20.0), (10.4, 30.9, 20.2)],
+        "T=5": [(11.0, 28.0, 19.5), (11.2, 28.2, 19.7)],
+        "CATS": [(12.0, 26.0, 19.0), (12.3, 26.1, 19.2)],
+    }, base="ted_like")
+    ablation = fake_grid("ablation", {"CATS-loss": [(11.5, 27.0, 19.3)], "pcgrad": [(9.0, 31.0, 20.0)]}, base="ted_like")
+    other_base = fake_grid("wmt_like", {"T=1": [(1.0, 2.0, 1.5)], "CATS": [(1.0, 2.0, 1.5)]}, base="wmt_like")
+    text = "\n".join(ablation_section(ablation, [other_base, reference, ablation]))
+    assert "### Against `ted_like` at equal seed" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "seed" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| T=1 (ted_like)", "| T=5 (ted_like)", "| CATS (ted_like)",
+                                                      "| CATS-loss", "| pcgrad"]  # seed 1 only, best T on LoRes
+    assert rows[3].endswith("| -0.5 | +1.0 |") and rows[4].endswith("| -3.0 | +5.0 |")  # minus CATS seed 1
+    assert "LoRes 0.4, HiRes 0.9 BLEU" in text  # T=1's seeds differ most
+    assert ablation_section(reference, [reference, ablation]) == []  # a grid with the baselines is no ablation
+    assert ablation_section(ablation, [ablation, other_base]) == []  # no grid on its base
 
 
 def test_the_report_takes_folders_of_runs_and_single_runs_and_refuses_the_rest(tiny_grid, tmp_path):

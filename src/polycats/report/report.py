@@ -3,7 +3,8 @@ experiment grids, directories of runs, or single runs.
 
 Per grid: the Table 1 analogue (group BLEU/chrF, mean ± 95% CI over seeds), NLL curves per group
 and method, diagnostics over training (top eigenvalue, HiRes–LoRes cosine), CATS α/λ and example
-translations. Across grids: gradient similarity by direction, the batch/size settings, and the
+translations; a grid without the baselines (an ablation) beside the runs of the grid on the same base
+preset that has them. Across grids: gradient similarity by direction, the batch/size settings, and the
 claims table. Every number is read from the run directories.
 
 >>> from pathlib import Path
@@ -70,6 +71,7 @@ class Grid:
     path: Path
     runs: list[Run]
     pending: int = 0  # runs of the grid's index without a run directory yet
+    base: str | None = None  # the grid file's base preset (from index.json)
 
     def by_method(self) -> dict[str, list[Run]]:
         """Evaluated runs per method, in the grid's order, seeds ascending."""
@@ -134,7 +136,7 @@ def collect(paths: list[Path]) -> list[Grid]:
                     runs.append(load_run(path / "runs" / name, record))
                 else:
                     pending += 1
-            grids.append(Grid(index["grid"]["name"], path, runs, pending))
+            grids.append(Grid(index["grid"]["name"], path, runs, pending, index["grid"].get("base")))
         elif (path / "config.yaml").is_file():
             singles.append(load_run(path))
         elif path.is_dir():
@@ -239,6 +241,55 @@ def scores_section(grid: Grid) -> list[str]:
             "Mean over seeds ± the half-width of its 95% Student-t interval (no interval with one seed). "
             f"Groups by training pairs: `{json.dumps(first.get('thresholds'))}`. "
             f"sacreBLEU: `{first['sacrebleu_signature']}`; chrF: `{first['chrf_signature']}`.", ""]
+
+
+BASELINES = ("T=1", "CATS")
+
+
+def reference_grid(grid: Grid, grids: list[Grid]) -> Grid | None:
+    """The grid an ablation is read against: another grid on the same base preset that holds the
+    baselines (T=1 and CATS) this one lacks, e.g. ``ablation`` → ``ted_like``."""
+    if grid.base is None or set(BASELINES) <= grid.by_method().keys():
+        return None
+    return next((other for other in grids if other is not grid and other.base == grid.base
+                 and set(BASELINES) <= other.by_method().keys()), None)
+
+
+def seed_spread(grid: Grid, group: str) -> float | None:
+    """The largest range over seeds of one method's ``group`` BLEU: the noise floor of a one-seed comparison."""
+    ranges = [max(s) - min(s) for s in (grid.scores(m, group) for m in grid.by_method()) if len(s) >= 2]
+    return max(ranges) if ranges else None
+
+
+def ablation_section(grid: Grid, grids: list[Grid]) -> list[str]:
+    """Each run of ``grid`` beside the reference grid's T=1, best T and CATS runs of the same seed,
+    with its difference from CATS."""
+    reference = reference_grid(grid, grids)
+    methods = grid.by_method()
+    if reference is None or not methods:
+        return []
+    baselines = reference.by_method()
+    best = best_temperature(reference, "LoRes")
+    seeds = sorted({r.seed for runs in methods.values() for r in runs})
+    cats = {r.seed: r for r in baselines["CATS"]}
+    shown = [(f"{m} ({reference.name})", baselines[m]) for m in dict.fromkeys(["T=1", best, "CATS"]) if m in baselines]
+    rows = []
+    for label, runs in [*shown, *methods.items()]:
+        for run in (r for r in runs if r.seed in seeds):
+            delta = [run.score(g) - cats[run.seed].score(g) if run.seed in cats and run.score(g) is not None
+                     and cats[run.seed].score(g) is not None else None for g in ("LoRes", "HiRes")]
+            rows.append([label, str(run.seed), *[fmt(run.score(g)) for g in ("LoRes", "HiRes", "All")],
+                         *[fmt(run.score(g, "chrf")) for g in ("LoRes", "HiRes")],
+                         *["—" if d is None else f"{d:+.1f}" for d in delta]])
+    spread = {g: seed_spread(reference, g) for g in ("LoRes", "HiRes")}
+    noise = ("" if None in spread.values() else
+             f" Seed-to-seed spread in `{reference.name}` (the largest range over seeds of one method): LoRes "
+             f"{spread['LoRes']:.1f}, HiRes {spread['HiRes']:.1f} BLEU; a one-seed difference smaller than that is no finding.")
+    return [f"### Against `{reference.name}` at equal seed", "",
+            markdown_table(["method", "seed", "LoRes BLEU", "HiRes BLEU", "All BLEU", "LoRes chrF", "HiRes chrF",
+                            "Δ LoRes BLEU vs CATS", "Δ HiRes BLEU vs CATS"], rows), "",
+            f"Both grids start from the `{grid.base}` preset; the reference rows are `{reference.name}`'s runs of the "
+            f"same seed (T=1, the best T on LoRes, CATS).{noise}", ""]
 
 
 def curves_section(grid: Grid, out: Path) -> list[str]:
@@ -488,7 +539,8 @@ def build_report(paths: list[Path], out: Path, command: str | None = None, resul
         lines += [f"Generated by `{command}`.", ""]
     lines += claims_section(grids)
     for grid in grids:
-        lines += [*overview_section(grid), *scores_section(grid), *curves_section(grid, out), *diagnostics_section(grid, out),
+        lines += [*overview_section(grid), *scores_section(grid), *ablation_section(grid, grids),
+                  *curves_section(grid, out), *diagnostics_section(grid, out),
                   *alpha_section(grid, out), *examples_section(grid, prepare_references)]
     lines += [*settings_section(grids, out), *similarity_section(grids, out)]
     markdown = "\n".join(lines)
