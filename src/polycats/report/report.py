@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import re
 import shutil
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import yaml
 from markdown_it import MarkdownIt
+from scipy.optimize import brentq
 
 from polycats.config import config_from_dict
 from polycats.data.prepare import prepare
+from polycats.data.sampling import temperature_probabilities
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_text
 from polycats.figures import alpha_curves, nll_curves, setting_deltas, training_curves
@@ -346,6 +349,70 @@ def alpha_section(grid: Grid, out: Path) -> list[str]:
     return ["### CATS α and λ", "", *lines] if lines else []
 
 
+def group_shares(run: Run, update: int) -> dict[str, float] | None:
+    """Each group's share of the training gradient's weight after ``update`` updates,
+    ``Σ_{i∈g} p_i α_i / Σ_i p_i α_i`` (p: the sampling probability in force, α: CATS's task scales,
+    1 for plain sampling; tasks' token lengths ignored); None where the balancer is no per-task
+    weighting (PCGrad, NashMTL, ...) or the run has no start record or test scores."""
+    start = next((e for e in run.metrics if e.get("event") == "start"), None)
+    if start is None or run.test is None or run.config["balancer"]["name"] not in ("scalar", "cats"):
+        return None
+    first_stage = update < (run.config["sampling"].get("first_stage_updates") or 0)
+    prefix = "first_stage_p/" if first_stage else "sampling_p/"
+    probabilities = {k[len(prefix):]: v for k, v in start.items() if k.startswith(prefix)}
+    trained = [e for e in logged(run, "train") if e["update"] <= update]
+    scales = trained[-1] if trained else {}
+    weights = {task: p * scales.get(f"alpha/{task}", 1.0) for task, p in probabilities.items()}
+    shares: dict[str, float] = {}
+    for task, weight in weights.items():
+        group = run.test["per_language"][task]["group"]
+        shares[group] = shares.get(group, 0.0) + weight / sum(weights.values())
+    return shares
+
+
+def equivalent_temperature(run: Run, lores_share: float) -> float | None:
+    """The temperature T at which plain sampling ``p_i ∝ n_i^(1/T)`` of the run's training pairs
+    gives LoRes ``lores_share`` of the weight; None outside T ∈ [0.1, 1000] (e.g. beyond uniform)."""
+    start = next(e for e in run.metrics if e.get("event") == "start")
+    sizes = {k.split("/", 1)[1]: v for k, v in start.items() if k.startswith("train_pairs/")}
+    lores = [task for task in sizes if run.test["per_language"][task]["group"] == "LoRes"]
+
+    def gap(log_temperature: float) -> float:
+        probabilities = temperature_probabilities(sizes, math.exp(log_temperature))
+        return sum(probabilities[task] for task in lores) - lores_share
+
+    low, high = math.log(0.1), math.log(1000.0)
+    if not lores or gap(low) * gap(high) > 0:
+        return None
+    return math.exp(brentq(gap, low, high, xtol=1e-6))
+
+
+def weights_section(grid: Grid) -> list[str]:
+    """How much of the gradient each group gets per method: at a fifth, half and the end of training."""
+    entries = []  # (method, update, mean share per group, equivalent temperature)
+    for method, runs in grid.by_method().items():
+        horizon = runs[0].config["train"]["max_updates"]
+        points = []
+        for update in sorted({horizon // 5, horizon // 2, horizon}):
+            shares = [s for s in (group_shares(run, update) for run in runs) if s is not None]
+            if shares:
+                points.append((str(update), {g: sum(s.get(g, 0.0) for s in shares) / len(shares) for g in GROUPS[:3]}))
+        if points and all(mean == points[0][1] for _, mean in points):
+            points = [("all", points[0][1])]
+        entries += [(method, update, mean, equivalent_temperature(runs[0], mean["LoRes"])) for update, mean in points]
+    if not entries:
+        return []
+    groups = [g for g in GROUPS[:3] if any(mean[g] > 0 for _, _, mean, _ in entries)]
+    rows = [[method, update, *[f"{100 * mean[g]:.1f}%" for g in groups], fmt(temperature, 2)]
+            for method, update, mean, temperature in entries]
+    return ["### Gradient weight per group", "",
+            markdown_table(["method", "update", *[f"{g} share" for g in groups], "T with the same LoRes share"], rows), "",
+            "Share of the training gradient's weight, Σ_{i∈g} p_i α_i / Σ_i p_i α_i (p: sampling probability, α: "
+            "CATS's scales, 1 otherwise; tasks' token lengths ignored), mean over seeds; the last column is the "
+            "temperature at which plain sampling gives LoRes the same share. Methods that combine gradients "
+            "otherwise (PCGrad, NashMTL, ...) have no such weights and are left out.", ""]
+
+
 def example_indices(references: list[dict], count: int, seed: str) -> list[int]:
     """``count`` sentence indices in a seeded order, short ones (≤ 25 reference words) first, so
     that examples stay readable and are the same in every report."""
@@ -541,7 +608,7 @@ def build_report(paths: list[Path], out: Path, command: str | None = None, resul
     for grid in grids:
         lines += [*overview_section(grid), *scores_section(grid), *ablation_section(grid, grids),
                   *curves_section(grid, out), *diagnostics_section(grid, out),
-                  *alpha_section(grid, out), *examples_section(grid, prepare_references)]
+                  *alpha_section(grid, out), *weights_section(grid), *examples_section(grid, prepare_references)]
     lines += [*settings_section(grids, out), *similarity_section(grids, out)]
     markdown = "\n".join(lines)
     atomic_write_text(out / "report.md", markdown)
