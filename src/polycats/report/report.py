@@ -21,6 +21,7 @@ import math
 import random
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,11 @@ class Run:
 
     def score(self, group: str, metric: str = "bleu") -> float | None:
         return ((self.test or {}).get("groups", {}).get(group) or {}).get(metric)
+
+    @property
+    def start(self) -> dict | None:
+        """The training's start record (sampling probabilities, training pairs, device)."""
+        return next((e for e in self.metrics if e.get("event") == "start"), None)
 
     @property
     def devices(self) -> set[str]:
@@ -210,9 +216,7 @@ def overview_section(grid: Grid) -> list[str]:
              "trained and evaluated."]
     if not grid.runs:
         return lines + [""]
-    commits: dict[str, int] = {}
-    for run in finished or grid.runs:  # the commits of the runs the tables show
-        commits[run.commit or "unrecorded"] = commits.get(run.commit or "unrecorded", 0) + 1
+    commits = Counter(run.commit or "unrecorded" for run in finished or grid.runs)  # of the runs the tables show
     commit_list = ", ".join(f"`{commit[:12]}` ({plural(n, 'run')})" for commit, n in commits.items())
     config = grid.runs[0].config
     data, model, train = config["data"], config["model"], config["train"]
@@ -354,7 +358,7 @@ def group_shares(run: Run, update: int) -> dict[str, float] | None:
     ``Σ_{i∈g} p_i α_i / Σ_i p_i α_i`` (p: the sampling probability in force, α: CATS's task scales,
     1 for plain sampling; tasks' token lengths ignored); None where the balancer is no per-task
     weighting (PCGrad, NashMTL, ...) or the run has no start record or test scores."""
-    start = next((e for e in run.metrics if e.get("event") == "start"), None)
+    start = run.start
     if start is None or run.test is None or run.config["balancer"]["name"] not in ("scalar", "cats"):
         return None
     first_stage = update < (run.config["sampling"].get("first_stage_updates") or 0)
@@ -373,8 +377,7 @@ def group_shares(run: Run, update: int) -> dict[str, float] | None:
 def equivalent_temperature(run: Run, lores_share: float) -> float | None:
     """The temperature T at which plain sampling ``p_i ∝ n_i^(1/T)`` of the run's training pairs
     gives LoRes ``lores_share`` of the weight; None outside T ∈ [0.1, 1000] (e.g. beyond uniform)."""
-    start = next(e for e in run.metrics if e.get("event") == "start")
-    sizes = {k.split("/", 1)[1]: v for k, v in start.items() if k.startswith("train_pairs/")}
+    sizes = {k.split("/", 1)[1]: v for k, v in run.start.items() if k.startswith("train_pairs/")}
     lores = [task for task in sizes if run.test["per_language"][task]["group"] == "LoRes"]
 
     def gap(log_temperature: float) -> float:
