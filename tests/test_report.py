@@ -197,6 +197,22 @@ def test_the_gradient_weight_per_group_and_its_equivalent_temperature():
     assert "MidRes" not in text  # no MidRes language, no column
 
 
+def test_an_ablation_grid_is_reported_after_the_grid_it_is_read_against(tiny_grid, tmp_path):
+    # An "ablation" of one method on the tiny grid's base: a copy of its CATS seed-1 run, renamed.
+    index = json.loads((tiny_grid / "index.json").read_text())
+    ablation = tmp_path / "ablation"
+    shutil.copytree(tiny_grid / "runs" / "cats-s1", ablation / "runs" / "variant-s1")
+    record = json.loads((ablation / "runs" / "variant-s1" / "experiment.json").read_text())
+    (ablation / "runs" / "variant-s1" / "experiment.json").write_text(json.dumps({**record, "method": "CATS-variant"}))
+    (ablation / "index.json").write_text(json.dumps({**index, "grid": {**index["grid"], "name": "abl"},
+                                                     "runs": {"variant-s1": {"method": "CATS-variant", "seed": 1}}}))
+    text = build_report([ablation, tiny_grid], tmp_path / "report").read_text()
+    assert text.index("## Grid `tiny-grid`") < text.index("## Grid `abl`") < text.index("### Against `tiny-grid` at equal seed")
+    section = text[text.index("### Against"):]
+    row = next(line for line in section.splitlines() if line.startswith("| CATS-variant | 1 |"))
+    assert row.endswith("| +0.0 | +0.0 |") and text.count("### Against") == 1  # the same run as CATS seed 1
+
+
 def test_the_report_takes_folders_of_runs_and_single_runs_and_refuses_the_rest(tiny_grid, tmp_path):
     runs = tiny_grid / "runs"
     index = json.loads((tiny_grid / "index.json").read_text())

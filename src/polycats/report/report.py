@@ -602,6 +602,7 @@ def build_report(paths: list[Path], out: Path, command: str | None = None, resul
     """Write ``out/report.md``, ``out/report.html`` and the figures; with ``results``, also that
     Markdown page with its figures in a folder beside it (``docs/results.md`` → ``docs/results/``)."""
     grids = collect(paths)
+    grids = sorted(grids, key=lambda grid: reference_grid(grid, grids) is not None)  # an ablation after its reference
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# polycats report", ""]
