@@ -353,6 +353,11 @@ def alpha_section(grid: Grid, out: Path) -> list[str]:
     return ["### CATS α and λ", "", *lines] if lines else []
 
 
+def per_task(record: dict, prefix: str) -> dict[str, float]:
+    """``{task: value}`` of a metrics record's ``prefix<task>`` keys (``sampling_p/``, ``train_pairs/``)."""
+    return {key[len(prefix):]: value for key, value in record.items() if key.startswith(prefix)}
+
+
 def group_shares(run: Run, update: int) -> dict[str, float] | None:
     """Each group's share of the training gradient's weight after ``update`` updates,
     ``Σ_{i∈g} p_i α_i / Σ_i p_i α_i`` (p: the sampling probability in force, α: CATS's task scales,
@@ -362,8 +367,7 @@ def group_shares(run: Run, update: int) -> dict[str, float] | None:
     if start is None or run.test is None or run.config["balancer"]["name"] not in ("scalar", "cats"):
         return None
     first_stage = update < (run.config["sampling"].get("first_stage_updates") or 0)
-    prefix = "first_stage_p/" if first_stage else "sampling_p/"
-    probabilities = {k[len(prefix):]: v for k, v in start.items() if k.startswith(prefix)}
+    probabilities = per_task(start, "first_stage_p/" if first_stage else "sampling_p/")
     trained = [e for e in logged(run, "train") if e["update"] <= update]
     scales = trained[-1] if trained else {}
     weights = {task: p * scales.get(f"alpha/{task}", 1.0) for task, p in probabilities.items()}
@@ -377,7 +381,7 @@ def group_shares(run: Run, update: int) -> dict[str, float] | None:
 def equivalent_temperature(run: Run, lores_share: float) -> float | None:
     """The temperature T at which plain sampling ``p_i ∝ n_i^(1/T)`` of the run's training pairs
     gives LoRes ``lores_share`` of the weight; None outside T ∈ [0.1, 1000] (e.g. beyond uniform)."""
-    sizes = {k.split("/", 1)[1]: v for k, v in run.start.items() if k.startswith("train_pairs/")}
+    sizes = per_task(run.start, "train_pairs/")
     lores = [task for task in sizes if run.test["per_language"][task]["group"] == "LoRes"]
 
     def gap(log_temperature: float) -> float:
