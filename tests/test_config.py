@@ -173,6 +173,12 @@ def test_presets_exist():
         (["balancer.name=pcgradd"], "balancer", "pcgradd"),
         (["balancer={weights: {de: 1}}"], "balancer", "name"),
         (["balancer.name=cats", "balancer.bogus=1"], "balancer.cats.bogus", "unknown field"),
+        # Every balancer section is strict like the rest: no booleans or strings for numbers.
+        (["balancer.name=cats", "balancer.update_every=true"], "balancer.cats.update_every", "got True"),
+        (["balancer.name=cats", "balancer.rho='0.5'"], "balancer.cats.rho", "0.5"),
+        (["balancer.name=dro", "balancer.warmup_steps=false"], "balancer.dro.warmup_steps", "got False"),
+        (["balancer.name=nashmtl", "balancer.update_weights_every=true"], "balancer.nashmtl.update_weights_every", "got True"),
+        (["balancer.name=gradvac", "balancer.beta='0.1'"], "balancer.gradvac.beta", "0.1"),
         (["model.d_model=30", "model.heads=4"], "model", "divisible"),
         (["data.groups.lores_below=100", "data.groups.hires_from=50"], "data.groups", "hires_from"),
         (["data.pivot=de"], "data", "pivot"),

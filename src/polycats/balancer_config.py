@@ -16,18 +16,21 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class ScalarConfig(BaseModel):
-    # strict like the config's other sections: a weight is a number, never true/false or a string.
+class BalancerSection(BaseModel):
+    # strict like the config's other sections: a number is a number, never true/false or a string
+    # ("update_every: true" is not 1).
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScalarConfig(BalancerSection):
+    """Per-language loss weights on the sampled batch (``balancer.name: scalar``, the default)."""
 
     name: Literal["scalar"] = "scalar"
     weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(None, description="per-language loss weights (default: all 1)")
 
 
-class CatsConfig(BaseModel):
+class CatsConfig(BalancerSection):
     """Options of CATS (``balancer.*`` in the YAML config when ``balancer.name: cats``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["cats"] = "cats"
     objective: Literal["lookahead", "loss"] = Field(
@@ -69,10 +72,8 @@ class CatsConfig(BaseModel):
     )
 
 
-class DROConfig(BaseModel):
+class DROConfig(BalancerSection):
     """Options of χ²-DRO (``balancer.*`` when ``balancer.name: dro``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["dro"] = "dro"
     rho: float = Field(0.1, gt=0, description="radius of the χ² ball around the sampling distribution p")
@@ -91,10 +92,8 @@ def task_gradient_field() -> Any:
     )
 
 
-class PeerConfig(BaseModel):
+class PeerConfig(BalancerSection):
     """Base of the torchjd peers' options (each has ``name`` first, then ``task_gradient``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class PCGradConfig(PeerConfig):
@@ -105,7 +104,6 @@ class PCGradConfig(PeerConfig):
     task_gradient: TaskGradient = task_gradient_field()
 
 
-
 class MGDAConfig(PeerConfig):
     """MGDA: the min-norm point of the convex hull of the rows (Frank–Wolfe)."""
 
@@ -113,7 +111,6 @@ class MGDAConfig(PeerConfig):
     task_gradient: TaskGradient = task_gradient_field()
     epsilon: float = Field(1e-3, gt=0, description="stop Frank–Wolfe when its step γ is below this")
     max_iters: int = Field(100, ge=1, description="Frank–Wolfe iterations at most")
-
 
 
 class CAGradConfig(PeerConfig):
@@ -126,7 +123,6 @@ class CAGradConfig(PeerConfig):
     norm_eps: float = Field(1e-4, ge=0, description="below this the combined norm counts as 0 (Pareto stationary)")
 
 
-
 class NashMTLConfig(PeerConfig):
     """Nash-MTL: the Nash bargaining solution Gᵀα with GGᵀα = 1/α (needs cvxpy + ecos)."""
 
@@ -135,7 +131,6 @@ class NashMTLConfig(PeerConfig):
     max_norm: float = Field(1.0, ge=0, description="clip ‖αᵀG‖ to this (0 = no clipping)")
     update_weights_every: int = Field(1, ge=1, description="solve for α every this many steps, reuse it between")
     optim_niter: int = Field(20, ge=1, description="sequential convex iterations per solve")
-
 
 
 class UPGradConfig(PeerConfig):
@@ -150,7 +145,6 @@ class UPGradConfig(PeerConfig):
     reg_eps: float = Field(1e-4, ge=0, description="quadprog projector: added to the Gramian's diagonal")
 
 
-
 class GradDropConfig(PeerConfig):
     """GradDrop: per coordinate, keep only the positive or only the negative components, drawn by
     their sign purity."""
@@ -160,13 +154,11 @@ class GradDropConfig(PeerConfig):
     leak: float = Field(0.0, ge=0, le=1, description="share of every row that passes the sign mask unchanged")
 
 
-
 class IMTLGConfig(PeerConfig):
     """IMTL-G: the combination whose projection onto every unit row is equal."""
 
     name: Literal["imtlg"] = "imtlg"
     task_gradient: TaskGradient = task_gradient_field()
-
 
 
 class AlignedMTLConfig(PeerConfig):
@@ -196,10 +188,8 @@ PEER_CONFIGS: tuple[type[PeerConfig], ...] = (
 )
 
 
-class GradVacConfig(BaseModel):
+class GradVacConfig(BalancerSection):
     """Options of GradVac (``balancer.*`` when ``balancer.name: gradvac``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal["gradvac"] = "gradvac"
     task_gradient: TaskGradient = task_gradient_field()
