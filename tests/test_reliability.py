@@ -855,6 +855,25 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask):
     assert modes == dict.fromkeys(["a.txt", "a.json", "a.pt", "plain"], 0o666 & ~umask)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_folders_respect_the_umask(tmp_path, umask):
+    """The cache entry and the run's evaluation copy are built in a staging folder and renamed:
+    mkdtemp's 0700 hid a shared cache from the other users of a machine."""
+    from polycats.config import DataConfig
+    from polycats.data.prepare import copy_for_evaluation, prepare
+
+    old = os.umask(umask)
+    try:
+        data = prepare(DataConfig(source="synthetic", languages={"de": 30, "sw": 10}, valid_per_lang=2, test_per_lang=2,
+                                  vocab_size=60), tmp_path / "cache")
+        copy_for_evaluation(data, tmp_path / "run-data")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (data.root, tmp_path / "run-data", tmp_path / "plain")}
+    assert modes == {data.root.name: 0o777 & ~umask, "run-data": 0o777 & ~umask, "plain": 0o777 & ~umask}
+
+
 def test_a_trained_run_has_no_private_files(straight):
     """config.yaml and the checkpoints were 0600 beside 0644 metrics."""
     mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731

@@ -60,6 +60,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], previous:
     fsync_directory(path.parent)
 
 
+def staging_directory(parent: str | Path, prefix: str) -> Path:
+    """A new, empty folder in ``parent`` to build into and then rename, with the permissions
+    ``mkdir`` would give it (mkdtemp's are 0700, which would hide a shared cache from other users)."""
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    staging.chmod(0o777 & ~current_umask())
+    return staging
+
+
 def unwritable_reason(directory: str | Path) -> str | None:
     """Why files cannot be made in ``directory`` (or, if it does not exist yet, in the nearest
     folder above it that does), or None if they can. It tries: permission bits say nothing about

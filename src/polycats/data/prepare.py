@@ -14,7 +14,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from polycats.data import corpus as corpus_module
 from polycats.data.corpus import SPLITS, ParallelCorpus, read_corpus, source_files
 from polycats.data.sampling import Task, temperature_probabilities
 from polycats.errors import PolycatsError
-from polycats.io import atomic_write_json
+from polycats.io import atomic_write_json, staging_directory
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 FORMAT_VERSION = 2  # 2: meta.json holds a checksum of every file
@@ -272,7 +271,7 @@ def copy_for_evaluation(data: PreparedData, target: Path) -> None:
     target = Path(target)
     if (target / "meta.json").is_file() and (target / "meta.json").read_bytes() == (data.root / "meta.json").read_bytes():
         return
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging = staging_directory(target.parent, f".{target.name}.")
     try:
         for name in EVALUATION_FILES:
             shutil.copyfile(data.root / name, staging / name)
@@ -355,7 +354,7 @@ def prepare(config: DataConfig, root: Path | None = None) -> PreparedData:
     directory = root / key
     if not usable(directory):
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+        staging = staging_directory(root, f".{key}.")
         try:
             build(corpus, config, staging)
             try:
