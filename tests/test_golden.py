@@ -5,19 +5,28 @@ parameters (sha256 of every tensor's bytes) bit for bit. A refactor that changes
 here; a change meant to alter training regenerates the values (``python tests/test_golden.py``)
 and says why in its commit.
 
-The values are those of one torch thread on the CPU (tests/conftest.py sets it), on the machine
-that generated them; another torch build or CPU may round differently.
+The values are those of one torch thread on the CPU (tests/conftest.py sets it). Another CPU
+rounds differently (AVX-512 kernels sum in another order than AVX2 ones: 1e-7..1e-5 relative after
+five updates), so runs.json keeps the exact values per machine, keyed by a fingerprint of the
+torch kernels the model uses (:func:`numerics_fingerprint`). On a machine it knows, every run must
+match bit for bit; on another one, every metric and parameter must agree within
+:data:`TOLERANCE` with the values of the machine that last regenerated the file, and a warning says
+how to add the machine (``python tests/test_golden.py --add-machine``, only while the code still
+reproduces the file's values within tolerance).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from polycats.ops.task_split import TaskSplit
 from polycats.config import config_from_dict
@@ -91,6 +100,10 @@ def run_config(sections: dict):
     return config_from_dict(tree)
 
 
+# Across CPUs: metrics and parameter sums/norms within these (measured AVX2 vs AVX-512: ≤ 1.1e-5 relative).
+TOLERANCE = {"rel_tol": 1e-4, "abs_tol": 1e-6}
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -98,6 +111,33 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
+
+
+def tensor_stats(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Sum and norm of every tensor: what can be compared within a tolerance across CPUs."""
+    return {name: [tensor.double().sum().item(), tensor.double().norm().item()]
+            for name, tensor in sorted(tensors.items()) if tensor.is_floating_point()}
+
+
+def numerics_fingerprint() -> str:
+    """sha256 of what this machine's kernels give for the tiny model's operations (linear, attention,
+    layer norm, ReLU, log-softmax and NLL, forward and backward, one Adam step) on seeded inputs:
+    equal on two machines that round these the same way. Plain torch, so that no change to
+    polycats can change it."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 11, 16, generator=generator, requires_grad=True)
+    weights = [torch.randn(shape, generator=generator, requires_grad=True) for shape in ((48, 16), (32, 16), (16, 32), (60, 16))]
+    qkv = F.linear(x, weights[0]).view(7, 11, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True).transpose(1, 2).reshape(7, 11, 16)
+    hidden = F.layer_norm(attended + x, (16,))
+    hidden = hidden + F.linear(F.relu(F.linear(hidden, weights[1])), weights[2])
+    logits = F.linear(hidden, weights[3]).reshape(-1, 60)
+    target = torch.randint(60, (77,), generator=generator)
+    loss = F.nll_loss(F.log_softmax(logits, dim=-1), target, reduction="sum") / 77
+    loss.backward()
+    optimizer = torch.optim.Adam(weights, lr=1e-3)
+    optimizer.step()
+    return tensor_digest({"loss": loss.detach(), "grad": x.grad, **{str(i): w.detach() for i, w in enumerate(weights)}})[:16]
 
 
 def train_run(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -115,7 +155,30 @@ def train_run(name: str, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     balancer_state = {key: torch.as_tensor(value) for key, value in last["balancer"].items()
                       if isinstance(value, (torch.Tensor, int, float))}
-    return {"metrics": events, "model": tensor_digest(last["model"]), "balancer": tensor_digest(balancer_state)}
+    return {"metrics": events, "model": tensor_digest(last["model"]), "balancer": tensor_digest(balancer_state),
+            "stats": {"model": tensor_stats(last["model"]), "balancer": tensor_stats(balancer_state)}}
+
+
+def exact(run: dict) -> dict:
+    """What must match bit for bit on a known machine: digests of the metrics, parameters and balancer state."""
+    metrics = hashlib.sha256(json.dumps(run["metrics"], sort_keys=True).encode()).hexdigest()
+    return {"metrics": metrics, "model": run["model"], "balancer": run["balancer"]}
+
+
+def close(got, expected, where: str) -> None:
+    """``got`` equals ``expected`` in structure, its floats within :data:`TOLERANCE`."""
+    if isinstance(expected, dict):
+        assert sorted(got) == sorted(expected), f"{where}: keys differ"
+        for key in expected:
+            close(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), f"{where}: {len(got)} items, expected {len(expected)}"
+        for i, (a, b) in enumerate(zip(got, expected)):
+            close(a, b, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert math.isclose(got, expected, **TOLERANCE), f"{where}: {got!r} vs {expected!r}"
+    else:
+        assert got == expected, f"{where}: {got!r} vs {expected!r}"
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +186,33 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+@pytest.fixture(scope="module")
+def fingerprint() -> str:
+    return numerics_fingerprint()
+
+
 def test_every_run_has_golden_values(golden):
-    assert sorted(golden) == sorted(RUNS)
+    assert sorted(golden["runs"]) == sorted(RUNS)
+    assert all(sorted(machine) == sorted(RUNS) for machine in golden["exact"].values())
+
+
+def test_the_fingerprint_is_stable(fingerprint):
+    assert numerics_fingerprint() == fingerprint
 
 
 @pytest.mark.filterwarnings("ignore:CATS:UserWarning")  # cats-epsilon's budget is below reach on purpose
 @pytest.mark.parametrize("name", list(RUNS))
-def test_training_is_bit_identical_to_the_golden_run(name, golden, tmp_path, monkeypatch):
+def test_training_is_bit_identical_to_the_golden_run(name, golden, fingerprint, tmp_path, monkeypatch):
     got = train_run(name, tmp_path / name, monkeypatch)
-    expected = golden[name]
-    for i, (a, b) in enumerate(zip(got["metrics"], expected["metrics"])):
-        assert a == b, f"{name}: event {i} differs"
-    assert len(got["metrics"]) == len(expected["metrics"])
-    assert got["model"] == expected["model"], f"{name}: parameters differ"
-    assert got["balancer"] == expected["balancer"], f"{name}: balancer state differs"
+    close({key: got[key] for key in ("metrics", "stats")}, golden["runs"][name], name)  # names what moved, if much did
+    if fingerprint in golden["exact"]:
+        assert exact(got) == golden["exact"][fingerprint][name], f"{name}: not bit-identical (within tolerance, though)"
+    else:
+        warnings.warn(f"no bit-exact golden values for this CPU (numerics fingerprint {fingerprint}): compared within "
+                      f"{TOLERANCE}; `python tests/test_golden.py --add-machine` adds them", stacklevel=1)
 
 
-if __name__ == "__main__":  # regenerate: python tests/test_golden.py
+def generate() -> dict:
     import os
     import tempfile
 
@@ -147,7 +220,22 @@ if __name__ == "__main__":  # regenerate: python tests/test_golden.py
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["POLYCATS_CACHE"] = str(Path(scratch) / "cache")
         patch = pytest.MonkeyPatch()
-        values = {name: train_run(name, Path(scratch) / name, patch) for name in RUNS}
+        return {name: train_run(name, Path(scratch) / name, patch) for name in RUNS}
+
+
+if __name__ == "__main__":
+    # python tests/test_golden.py: new values (after a change meant to alter training), this machine's only.
+    # python tests/test_golden.py --add-machine: this machine's exact values beside the others (same code).
+    runs, fingerprint = generate(), numerics_fingerprint()
+    if sys.argv[1:] == ["--add-machine"]:
+        values = json.loads(GOLDEN.read_text())
+        for name, run in runs.items():
+            close({key: run[key] for key in ("metrics", "stats")}, values["runs"][name], name)
+        values["exact"][fingerprint] = {name: exact(run) for name, run in runs.items()}
+    else:
+        values = {"runs": {name: {"metrics": run["metrics"], "stats": run["stats"]} for name, run in runs.items()},
+                  "exact": {fingerprint: {name: exact(run) for name, run in runs.items()}}}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {GOLDEN} ({len(values)} runs)", file=sys.stderr)
+    print(f"wrote {GOLDEN}: {len(runs)} runs, exact values for {len(values['exact'])} machine(s), this one {fingerprint}",
+          file=sys.stderr)
