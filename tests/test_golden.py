@@ -229,10 +229,15 @@ def generate() -> dict:
 
 
 if __name__ == "__main__":
-    # python tests/test_golden.py: new values (after a change meant to alter training), this machine's only.
-    # python tests/test_golden.py --add-machine: this machine's exact values beside the others (same code).
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Regenerate tests/golden/runs.json: new values after a change meant to "
+                                                 "alter training (this machine's only), or --add-machine.")
+    parser.add_argument("--add-machine", action="store_true",
+                        help="add this machine's exact values beside the others' (same code: checked within tolerance)")
+    add_machine = parser.parse_args().add_machine
     runs, fingerprint = generate(), numerics_fingerprint()
-    if sys.argv[1:] == ["--add-machine"]:
+    if add_machine:
         values = json.loads(GOLDEN.read_text())
         for name, run in runs.items():
             close(tolerant(run), values["runs"][name], name)
