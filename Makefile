@@ -31,16 +31,21 @@ test-slow: $(STAMP)
 
 # The report's grids, run (or continued: finished runs are skipped) from a worktree at the commit
 # their runs record, so main can move while they train; results/experiments/ keeps what they write
-# (checkpoints stay local). GRID_WORKERS runs at a time, one thread each.
-GRID_COMMIT  := 1ec971063ea1beb013142e859a2c652948e781c8
+# (checkpoints stay local). A grid continues at the commit in its index.json; a new one starts at
+# GRID_COMMIT. GRID_WORKERS runs at a time, one thread each.
+GRID_COMMIT  := 3d91cd24fbac7faa606f704b56db70342fc0184f
 # The ablation right after the headline grid: it is what explains a CATS result either way.
 GRIDS        ?= ted_like ablation wmt_like many o2m batch4x overparam
 GRID_WORKERS ?= 2
+RUN_COMMIT   := import json, sys; print(next(run["commit"] for run in json.load(open(sys.argv[1]))["runs"].values() if "commit" in run))
+
 grids: $(STAMP)
-	test -d .grid-code || git worktree add --detach .grid-code $(GRID_COMMIT)
 	for grid in $(GRIDS); do \
-	  PYTHONPATH=$(CURDIR)/.grid-code/src OMP_NUM_THREADS=1 $(BIN)/python -m polycats experiment \
-	    .grid-code/configs/experiments/$$grid.yaml --out results/experiments/$$grid --workers $(GRID_WORKERS) || exit 1; \
+	  commit=$$($(BIN)/python -c '$(RUN_COMMIT)' results/experiments/$$grid/index.json 2>/dev/null || echo $(GRID_COMMIT)); \
+	  code=.grid-code-$$commit; \
+	  test -d $$code || git worktree add --detach $$code $$commit || exit 1; \
+	  PYTHONPATH=$(CURDIR)/$$code/src OMP_NUM_THREADS=1 $(BIN)/python -m polycats experiment \
+	    $$code/configs/experiments/$$grid.yaml --out results/experiments/$$grid --workers $(GRID_WORKERS) || exit 1; \
 	done
 
 # docs/results.md from every grid under results/experiments.
