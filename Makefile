@@ -29,10 +29,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-# The report's grids, run (or continued: finished runs are skipped) from a worktree at the commit
-# their runs record, so main can move while they train; results/experiments/ keeps what they write
-# (checkpoints stay local). A grid continues at the commit in its index.json; a new one starts at
-# GRID_COMMIT. GRID_WORKERS runs at a time, one thread each.
+# The report's grids, run (or continued: finished runs are skipped) with the code and presets of a
+# worktree at the commit their runs record, so main can move while they train; the grid files
+# (methods, seeds) are this checkout's. results/experiments/ keeps what they write (checkpoints stay
+# local). A grid continues at the commit in its index.json; a new one starts at GRID_COMMIT.
+# GRID_WORKERS runs at a time, one thread each.
 GRID_COMMIT  := 3d91cd24fbac7faa606f704b56db70342fc0184f
 # The ablation right after the headline grid: it is what explains a CATS result either way.
 GRIDS        ?= ted_like ablation wmt_like many o2m batch4x overparam
@@ -45,7 +46,7 @@ grids: $(STAMP)
 	  code=.grid-code-$$commit; \
 	  test -d $$code || git worktree add --detach $$code $$commit || exit 1; \
 	  PYTHONPATH=$(CURDIR)/$$code/src OMP_NUM_THREADS=1 $(BIN)/python -m polycats experiment \
-	    $$code/configs/experiments/$$grid.yaml --out results/experiments/$$grid --workers $(GRID_WORKERS) || exit 1; \
+	    configs/experiments/$$grid.yaml --out results/experiments/$$grid --workers $(GRID_WORKERS) || exit 1; \
 	done
 
 # docs/results.md from every grid under results/experiments.
