@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 # (methods, seeds) are this checkout's. results/experiments/ keeps what they write (checkpoints stay
 # local). A grid continues at the commit in its index.json; a new one starts at GRID_COMMIT.
 # GRID_WORKERS runs at a time, one thread each.
-GRID_COMMIT  := 3d91cd24fbac7faa606f704b56db70342fc0184f
+GRID_COMMIT  := 92ddf001f40b7c70ab2aa27d66a9511bf562879d
 # The ablation right after the headline grid: it is what explains a CATS result either way.
 GRIDS        ?= ted_like ablation wmt_like many o2m batch4x overparam
 GRID_WORKERS ?= 2
