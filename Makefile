@@ -32,17 +32,17 @@ test-slow: $(STAMP)
 # The report's grids, run (or continued: finished runs are skipped) with the code and presets of a
 # worktree at the commit their runs record, so main can move while they train; the grid files
 # (methods, seeds) are this checkout's. results/experiments/ keeps what they write (checkpoints stay
-# local). A grid continues at the commit in its index.json; a new one starts at GRID_COMMIT.
+# local). A grid continues at the commit its runs' experiment.json record; a new one starts at GRID_COMMIT.
 # GRID_WORKERS runs at a time, one thread each.
 GRID_COMMIT  := 92ddf001f40b7c70ab2aa27d66a9511bf562879d
 # The ablation right after the headline grid: it is what explains a CATS result either way.
 GRIDS        ?= ted_like ablation wmt_like many o2m batch4x overparam
 GRID_WORKERS ?= 2
-RUN_COMMIT   := import json, sys; print(next(run["commit"] for run in json.load(open(sys.argv[1]))["runs"].values() if "commit" in run))
+RUN_COMMIT   := import json, pathlib, sys; print(next(json.loads(p.read_text())["commit"] for p in sorted(pathlib.Path(sys.argv[1]).glob("runs/*/experiment.json"))))
 
 grids: $(STAMP)
 	for grid in $(GRIDS); do \
-	  commit=$$($(BIN)/python -c '$(RUN_COMMIT)' results/experiments/$$grid/index.json 2>/dev/null || echo $(GRID_COMMIT)); \
+	  commit=$$($(BIN)/python -c '$(RUN_COMMIT)' results/experiments/$$grid 2>/dev/null || echo $(GRID_COMMIT)); \
 	  code=.grid-code-$$commit; \
 	  test -d $$code || git worktree add --detach $$code $$commit || exit 1; \
 	  PYTHONPATH=$(CURDIR)/$$code/src OMP_NUM_THREADS=1 $(BIN)/python -m polycats experiment \
