@@ -18,8 +18,8 @@ from polycats import experiment
 from polycats.diagnostics.analyze import DiagnosticSettings, analyze_run
 from polycats.errors import PolycatsError
 from polycats.experiment import run_grid
-from polycats.report.report import (Grid, Run, ablation_section, build_report, claims, collect, group_shares, to_html,
-                                    weights_section)
+from polycats.report.report import (Grid, Run, ablation_section, build_report, claims, collect, group_shares, span,
+                                    to_html, weights_section)
 from polycats.report.stats import FAILS, HOLDS, INCONCLUSIVE, Difference, mean_ci, verdict, welch_difference
 
 BASE = {
@@ -244,6 +244,13 @@ def test_the_overview_names_the_commits_of_the_evaluated_runs_only(tiny_grid, tm
     (grid / "runs" / "cats-s2" / "eval" / "test.json").unlink()
     text = build_report([grid], tmp_path / "report").read_text()
     assert "5 of 6 runs trained and evaluated" in text and "`c0ffeec0ffee` (5 runs)" in text and "feedfeed" not in text
+    max_len = yaml.safe_load((grid / "runs" / "t1-s1" / "config.yaml").read_text())["data"]["max_len"]
+    assert f"of at most {max_len} tokens a side" in text  # presets differ in it (wmt_like's is 56)
+
+
+def test_a_range_that_prints_as_one_number_is_one_number():
+    assert span(40.34, 89.26) == "40.3–89.3"
+    assert span(45.21, 45.24) == "45.2"
 
 
 def test_the_report_command_writes_the_page_and_the_results_copy(tiny_grid, tmp_path):

@@ -173,6 +173,12 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def span(low: float, high: float) -> str:
+    """``40.3–89.3``, or one number when both ends print alike."""
+    low_text, high_text = f"{low:.1f}", f"{high:.1f}"
+    return low_text if low_text == high_text else f"{low_text}–{high_text}"
+
+
 def fmt_ci(values: list[float], digits: int = 1) -> str:
     if not values:
         return "—"
@@ -225,8 +231,9 @@ def overview_section(grid: Grid) -> list[str]:
     lines += [
         "",
         f"- Commit: {commit_list}; device: {', '.join(devices) or '—'}"
-        + (f"; wall time per run {min(walls) / 60:.1f}–{max(walls) / 60:.1f} min (train + evaluate)" if walls else ""),
-        f"- Data: {data['source']} {data['direction']}, training pairs {json.dumps(data['languages'])}.",
+        + (f"; wall time per run {span(min(walls) / 60, max(walls) / 60)} min (train + evaluate)" if walls else ""),
+        f"- Data: {data['source']} {data['direction']}, training pairs {json.dumps(data['languages'])} "
+        f"of at most {data['max_len']} tokens a side.",
         f"- Budget: {train['max_updates']} updates of ≤{train['max_tokens']} tokens, lr {train['lr']:g}, warm-up "
         f"{train['warmup_updates']}; model d_model {model['d_model']}, {model['encoder_layers']}+{model['decoder_layers']} "
         f"layers, FFN {model['ffn_dim']}.",
