@@ -16,7 +16,7 @@ DOCUMENTED = [
     "polycats.balance", "polycats.balance.base", "polycats.balance.build", "polycats.balance.scalar",
     "polycats.balance.dro", "polycats.balance.gradvac", "polycats.balance.torchjd_peers", "polycats.balancer_config",
     "polycats.data.sampling", "polycats.diagnostics", "polycats.ops.hessian", "polycats.ops.losses",
-    "polycats.ops.task_gradients", "polycats.train.state",
+    "polycats.ops.task_gradients", "polycats.train.state", "polycats.evaluate.scoring", "polycats.report.stats",
 ]
 
 

@@ -5,13 +5,16 @@ real tables; the inputs it accepts and refuses."""
 from __future__ import annotations
 
 import json
-import shutil
+import random
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import yaml
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
 
 from cli_runner import assert_one_line_error, run_cli
 from polycats import experiment
@@ -20,7 +23,8 @@ from polycats.errors import PolycatsError
 from polycats.experiment import run_grid
 from polycats.report.report import (Grid, Run, ablation_section, build_report, claims, collect, group_shares, span,
                                     to_html, weights_section)
-from polycats.report.stats import FAILS, HOLDS, INCONCLUSIVE, Difference, mean_ci, verdict, welch_difference
+from polycats.report.stats import (FAILS, HOLDS, INCONCLUSIVE, Difference, mean_ci, paired_bootstrap, verdict,
+                                   welch_difference)
 
 BASE = {
     "name": "tiny",
@@ -150,6 +154,84 @@ def test_the_claims_rule_on_fixture_numbers():
     assert [(c.claim, c.verdict) for c in claims([one_seed])] == [("robust to a 4x batch (Fig 8)", INCONCLUSIVE)]
 
 
+def noisy_copies(references: list[str], keep: float, seed: int) -> list[str]:
+    """Each reference with every word kept with probability ``keep``, else replaced by an unseen one."""
+    rng = random.Random(seed)
+    return [" ".join(w if rng.random() < keep else "zz" for w in ref.split()) for ref in references]
+
+
+WORDS = "the a cat dog sat ran on under mat tree man woman saw heard big small".split()
+REFERENCES = [" ".join(random.Random(i).choices(WORDS, k=6 + i % 7)) for i in range(120)]
+
+
+def test_the_paired_bootstrap_resamples_as_sacrebleu_does():
+    # Against a system that scores 0 on every resample (no word in common with the references), the
+    # resampled differences are the first system's own bootstrap scores: sacreBLEU's bootstrap of
+    # that system (same seed, same draws) gives the same 95% half-width.
+    system = noisy_copies(REFERENCES, keep=0.6, seed=1)
+    nothing = ["qq"] * len(REFERENCES)
+    ours = paired_bootstrap({"de-en": system}, {"de-en": nothing}, {"de-en": REFERENCES})
+    _, scores = PairedTest([("system", system), ("nothing", nothing)], {"BLEU": BLEU()}, [REFERENCES], test_type="bs")()
+    assert ours.mean == pytest.approx(BLEU().corpus_score(system, [REFERENCES]).score, abs=1e-9)
+    # sacreBLEU sums its statistics in float32: equal to float32 precision, and draws that differed would miss by far more.
+    assert (ours.high - ours.low) / 2 == pytest.approx(scores["BLEU"][0].ci, rel=1e-6)
+    assert ours.low < ours.mean < ours.high and scores["BLEU"][1].score == 0.0
+
+
+def test_the_paired_bootstrap_of_a_group_is_paired_antisymmetric_and_stratified():
+    better, worse = noisy_copies(REFERENCES, 0.8, seed=2), noisy_copies(REFERENCES, 0.5, seed=3)
+    references = {"de-en": REFERENCES}
+    difference = paired_bootstrap({"de-en": better}, {"de-en": worse}, references)
+    assert verdict(difference, 0.0) == HOLDS  # 30 points of kept words apart on 120 sentences
+    assert paired_bootstrap({"de-en": better}, {"de-en": better}, references) == Difference(0.0, 0.0, 0.0)
+    swapped = paired_bootstrap({"de-en": worse}, {"de-en": better}, references)
+    assert (swapped.mean, swapped.low, swapped.high) == pytest.approx((-difference.mean, -difference.high, -difference.low))
+    # The group score is the mean over directions: a second direction the systems translate alike
+    # adds nothing to any resample, so the difference and both ends halve (its draws come after
+    # the first direction's, which are unchanged).
+    same = noisy_copies(REFERENCES, 0.7, seed=4)
+    group = paired_bootstrap({"de-en": better, "fr-en": same}, {"de-en": worse, "fr-en": same},
+                             {"de-en": REFERENCES, "fr-en": REFERENCES})
+    assert (group.mean, group.low, group.high) == pytest.approx((difference.mean / 2, difference.low / 2, difference.high / 2))
+
+
+def test_a_one_seed_claim_is_decided_on_the_paired_bootstrap_and_says_so():
+    one_seed = fake_grid("many", {"T=1": [(10.0, 30.0, 20.0)], "T=5": [(11.0, 28.0, 19.0)], "CATS": [(12.0, 30.1, 21.0)]})
+    intervals = {"LoRes": Difference(1.0, 0.4, 1.6), "HiRes": Difference(0.1, -0.8, 1.0), "All": Difference(1.0, -0.7, 2.7)}
+    asked = []
+
+    def paired(first: Run, second: Run, group: str) -> Difference:
+        asked.append((first.method, second.method, first.seed, second.seed, group))
+        return intervals[group]
+
+    found = {c.claim: c for c in claims([one_seed], paired)}
+    assert asked == [("CATS", "T=5", 1, 1, "LoRes"), ("CATS", "T=1", 1, 1, "HiRes"), ("CATS", "T=1", 1, 1, "All")]
+    assert found["CATS improves LoRes"].verdict == f"{HOLDS} (one seed)"
+    assert found["HiRes not hurt"].verdict == f"{INCONCLUSIVE} (one seed)"  # −0.8 < −0.5 margin
+    assert found["no temperature tuning needed"].paired_seed == 1
+    # With seeds to spare the interval over seeds decides; the paired one is only shown.
+    three = fake_grid("ted_like", {"T=1": [(10.0, 30.0, 20.0), (10.2, 30.2, 20.2)],
+                                   "CATS": [(9.0, 30.0, 19.0), (9.1, 30.1, 19.1)]})
+    lores = claims([three], lambda *_: Difference(1.0, 0.5, 1.5))[0]
+    assert lores.verdict == FAILS and lores.paired == Difference(1.0, 0.5, 1.5)
+
+
+def test_the_report_of_a_one_seed_grid_decides_on_its_test_translations(tiny_grid, tmp_path):
+    folder = tmp_path / "one-seed"
+    for name in ("t1-s1", "t5-s1", "cats-s1"):
+        shutil.copytree(tiny_grid / "runs" / name, folder / name)
+    text = build_report([folder], tmp_path / "report").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| CATS improves LoRes |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    scores = {name: json.loads((folder / name / "eval" / "test.json").read_text())["groups"]["LoRes"]["bleu"]
+              for name in ("t1-s1", "t5-s1", "cats-s1")}
+    best = "t1-s1" if scores["t1-s1"] >= scores["t5-s1"] else "t5-s1"
+    observed, interval = re.fullmatch(r"([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\] \(seed 1\)", cells[5]).group(1, 2)
+    assert float(observed) == pytest.approx(scores["cats-s1"] - scores[best], abs=0.006)
+    assert float(interval) <= float(observed) and cells[-1].endswith("(one seed)**")
+    assert "paired bootstrap over test sentences (1,000 resamples" in text
+
+
 def test_an_ablation_is_read_against_the_baselines_of_its_base_grid_at_equal_seed():
     reference = fake_grid("ted_like", {
         "T=1": [(10.0, 30.0, 20.0), (10.4, 30.9, 20.2)],
@@ -210,7 +292,8 @@ def test_an_ablation_grid_is_reported_after_the_grid_it_is_read_against(tiny_gri
     assert text.index("## Grid `tiny-grid`") < text.index("## Grid `abl`") < text.index("### Against `tiny-grid` at equal seed")
     section = text[text.index("### Against"):]
     row = next(line for line in section.splitlines() if line.startswith("| CATS-variant | 1 |"))
-    assert row.endswith("| +0.0 | +0.0 |") and text.count("### Against") == 1  # the same run as CATS seed 1
+    # The same translations as CATS seed 1: no difference on any resample of the test sentences.
+    assert row.endswith("| +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |") and text.count("### Against") == 1
 
 
 def test_the_report_takes_folders_of_runs_and_single_runs_and_refuses_the_rest(tiny_grid, tmp_path):

@@ -33,6 +33,7 @@ __all__ = [
     "bleu_tokenizer",
     "build_eval_report",
     "group_averages",
+    "metric",
     "render_table",
     "score_direction",
     "score_directions",
@@ -69,6 +70,20 @@ class DirectionScore:
     chrf_signature: str
 
 
+def metric(name: str, target_lang: str) -> BLEU | CHRF:
+    """The sacreBLEU metric ``name`` (``bleu`` or ``chrf``) configured as polycats scores text in
+    ``target_lang``.
+
+    >>> metric("bleu", "ja").tokenizer_signature
+    'char'
+    """
+    if name == "bleu":
+        return BLEU(tokenize=bleu_tokenizer(target_lang))
+    if name == "chrf":
+        return CHRF()
+    raise ValueError(f"metric must be bleu or chrf, not {name!r}")
+
+
 def score_direction(hypotheses: Sequence[str], references: Sequence[str], target_lang: str) -> DirectionScore:
     """Corpus BLEU and chrF of detokenised ``hypotheses`` against one reference each."""
     if len(hypotheses) != len(references):
@@ -76,13 +91,12 @@ def score_direction(hypotheses: Sequence[str], references: Sequence[str], target
     if not hypotheses:
         raise ValueError("nothing to score: no hypotheses")
     hypotheses, references = list(hypotheses), list(references)
-    tokenizer = bleu_tokenizer(target_lang)
-    bleu, chrf = BLEU(tokenize=tokenizer), CHRF()
+    bleu, chrf = metric("bleu", target_lang), metric("chrf", target_lang)
     return DirectionScore(
         bleu=bleu.corpus_score(hypotheses, [references]).score,
         chrf=chrf.corpus_score(hypotheses, [references]).score,
         n=len(hypotheses),
-        tokenizer=tokenizer,
+        tokenizer=bleu_tokenizer(target_lang),
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
     )

@@ -36,7 +36,7 @@ from polycats.data.sampling import temperature_probabilities
 from polycats.errors import PolycatsError
 from polycats.io import atomic_write_text
 from polycats.figures import alpha_curves, nll_curves, setting_deltas, training_curves
-from polycats.report.stats import Difference, mean_ci, verdict, welch_difference
+from polycats.report.stats import BOOTSTRAP_SAMPLES, Difference, mean_ci, paired_bootstrap, verdict, welch_difference
 from polycats.train.metrics import read_metrics
 
 GROUPS = ("LoRes", "MidRes", "HiRes", "All")
@@ -73,6 +73,12 @@ class Run:
     def devices(self) -> set[str]:
         return {e["device"] for e in self.metrics if e.get("event") == "start" and "device" in e}
 
+    def hypotheses(self, task: str) -> list[str] | None:
+        """The run's test translations of ``task``, one per test sentence; None if it has none."""
+        path = self.path / "eval" / f"test.{task}.hyp"
+        # One per line as evaluate wrote them; split on "\n" alone (splitlines also splits on \x1c, \u2028, ...).
+        return path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else None
+
 
 @dataclass
 class Grid:
@@ -97,6 +103,10 @@ class Grid:
     @property
     def slug(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+
+# Two runs and a group → the first's minus the second's BLEU with its interval over the test sentences.
+Pairing = Callable[[Run, Run, str], Difference | None]
 
 
 def method_of(config: dict) -> str:
@@ -275,9 +285,9 @@ def seed_spread(grid: Grid, group: str) -> float | None:
     return max(ranges) if ranges else None
 
 
-def ablation_section(grid: Grid, grids: list[Grid]) -> list[str]:
+def ablation_section(grid: Grid, grids: list[Grid], paired: Pairing | None = None) -> list[str]:
     """Each run of ``grid`` beside the reference grid's T=1, best T and CATS runs of the same seed,
-    with its difference from CATS."""
+    with its difference from CATS (and its paired-bootstrap interval, given ``paired``)."""
     reference = reference_grid(grid, grids)
     methods = grid.by_method()
     if reference is None or not methods:
@@ -288,13 +298,20 @@ def ablation_section(grid: Grid, grids: list[Grid]) -> list[str]:
     cats = {r.seed: r for r in baselines["CATS"]}
     shown = [(f"{m} ({reference.name})", baselines[m]) for m in dict.fromkeys(["T=1", best, "CATS"]) if m in baselines]
     rows = []
+
+    def versus_cats(run: Run, group: str) -> str:
+        other = cats.get(run.seed)
+        if other is None or other is run or run.score(group) is None or other.score(group) is None:
+            return "—"
+        bootstrap = paired(run, other, group) if paired else None
+        delta = run.score(group) - other.score(group)
+        return f"{delta:+.1f}" + (f" [{bootstrap.low:+.1f}, {bootstrap.high:+.1f}]" if bootstrap else "")
+
     for label, runs in [*shown, *methods.items()]:
         for run in (r for r in runs if r.seed in seeds):
-            delta = [run.score(g) - cats[run.seed].score(g) if run.seed in cats and run.score(g) is not None
-                     and cats[run.seed].score(g) is not None else None for g in ("LoRes", "HiRes")]
             rows.append([label, str(run.seed), *[fmt(run.score(g)) for g in ("LoRes", "HiRes", "All")],
                          *[fmt(run.score(g, "chrf")) for g in ("LoRes", "HiRes")],
-                         *["—" if d is None else f"{d:+.1f}" for d in delta]])
+                         *[versus_cats(run, g) for g in ("LoRes", "HiRes")]])
     spread = {g: seed_spread(reference, g) for g in ("LoRes", "HiRes")}
     noise = ("" if None in spread.values() else
              f" Seed-to-seed spread in `{reference.name}` (the largest range over seeds of one method): LoRes "
@@ -303,7 +320,8 @@ def ablation_section(grid: Grid, grids: list[Grid]) -> list[str]:
             markdown_table(["method", "seed", "LoRes BLEU", "HiRes BLEU", "All BLEU", "LoRes chrF", "HiRes chrF",
                             "Δ LoRes BLEU vs CATS", "Δ HiRes BLEU vs CATS"], rows), "",
             f"Both grids start from the `{grid.base}` preset; the reference rows are `{reference.name}`'s runs of the "
-            f"same seed (T=1, the best T on LoRes, CATS).{noise}", ""]
+            f"same seed (T=1, the best T on LoRes, CATS); [low, high]: the difference's 95% paired-bootstrap interval "
+            f"over the test sentences.{noise}", ""]
 
 
 def curves_section(grid: Grid, out: Path) -> list[str]:
@@ -444,8 +462,7 @@ def examples_section(grid: Grid, prepare_references: Callable[[dict], dict]) -> 
         references = prepare_references(first.config)
     except PolycatsError as error:
         return ["### Example translations", "", f"Not shown: the prepared test data is not available ({error}).", ""]
-    hypotheses = {m: {task: (run.path / "eval" / f"test.{task}.hyp").read_text(encoding="utf-8").splitlines()
-                      for task in references if (run.path / "eval" / f"test.{task}.hyp").is_file()}
+    hypotheses = {m: {task: hyps for task in references if (hyps := run.hypotheses(task)) is not None}
                   for m, run in methods.items()}
     by_group: dict[str, list[str]] = {}
     for task, scores in first.test["per_language"].items():
@@ -493,7 +510,7 @@ def similarity_section(grids: list[Grid], out: Path) -> list[str]:
             markdown_table(["grid", "direction", "run", "update", "cosine HiRes–LoRes", "norm similarity HiRes–LoRes"], rows), "", *lines]
 
 
-def settings_section(grids: list[Grid], out: Path) -> list[str]:
+def settings_section(grids: list[Grid], out: Path, paired: Pairing | None = None) -> list[str]:
     """Paper Fig 8/9: CATS minus the baselines in every grid's setting (batch, model size, direction)."""
     rows, deltas = [], {}
     for grid in grids:
@@ -501,20 +518,28 @@ def settings_section(grids: list[Grid], out: Path) -> list[str]:
         best = best_temperature(grid, "LoRes")
         if "CATS" not in methods or best is None:
             continue
+
+        def versus(baseline: str, group: str) -> tuple[float, str]:
+            over_seeds = welch_difference(grid.scores("CATS", group), grid.scores(baseline, group))
+            pair = seed_pair(methods["CATS"], methods[baseline]) if paired and over_seeds.low is None else None
+            bootstrap = paired(*pair, group) if pair else None
+            return over_seeds.mean, f"{bootstrap} †" if bootstrap else str(over_seeds)
+
         config = methods["CATS"][0].config
-        lores = welch_difference(grid.scores("CATS", "LoRes"), grid.scores(best, "LoRes"))
-        hires = welch_difference(grid.scores("CATS", "HiRes"), grid.scores("T=1", "HiRes")) if "T=1" in methods else None
-        deltas[grid.name] = (lores.mean, hires.mean if hires else None)
+        lores = versus(best, "LoRes")
+        hires = versus("T=1", "HiRes") if "T=1" in methods else None
+        deltas[grid.name] = (lores[0], hires[0] if hires else None)
         rows.append([grid.name, config["data"]["direction"], str(config["train"]["max_tokens"]), f"{config['train']['lr']:g}",
                      f"{config['model']['d_model']}×{config['model']['encoder_layers']}+{config['model']['decoder_layers']}",
-                     str(len(methods["CATS"])), f"{lores} vs {best}", str(hires) if hires else "—"])
+                     str(len(methods["CATS"])), f"{lores[1]} vs {best}", hires[1] if hires else "—"])
     if not rows:
         return []
     setting_deltas(deltas, out / "settings_deltas.png")
     return ["## CATS across settings (Fig 8/9 analogue)", "",
             markdown_table(["grid", "direction", "tokens/batch", "lr", "d_model×layers", "CATS seeds",
                             "Δ LoRes BLEU (CATS − best T)", "Δ HiRes BLEU (CATS − T=1)"], rows), "",
-            "Δ: mean difference [95% Welch interval] over seeds; no interval with one seed.", "",
+            "Δ: mean difference [95% Welch interval] over seeds; with one seed, † marks the 95% paired-bootstrap "
+            "interval over the test sentences instead (the test set's noise, not the seed's).", "",
             "![CATS minus baseline BLEU per grid](settings_deltas.png)", ""]
 
 
@@ -524,12 +549,62 @@ class Claim:
     paper: str
     grid: str
     measure: str
-    difference: Difference | None
+    difference: Difference | None  # over seeds
     threshold: float
+    paired: Difference | None = None  # over the test sentences of one seed's two runs
+    paired_seed: int | None = None
 
     @property
     def verdict(self) -> str:
+        """Over seeds where there is an interval; otherwise (one seed) on the paired bootstrap, and says so."""
+        if self.difference is not None and self.difference.low is None and self.paired is not None:
+            return f"{verdict(self.paired, self.threshold)} (one seed)"
         return verdict(self.difference, self.threshold)
+
+
+def cached_references(prepare_references: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """``prepare_references`` once per data config (a report reads the same test set many times);
+    a failure is remembered and raised again."""
+    found: dict[str, dict | PolycatsError] = {}
+
+    def references(config: dict) -> dict:
+        key = json.dumps(config["data"], sort_keys=True)
+        if key not in found:
+            try:
+                found[key] = prepare_references(config)
+            except PolycatsError as error:
+                found[key] = error
+        if isinstance(found[key], PolycatsError):
+            raise found[key]
+        return found[key]
+
+    return references
+
+
+def paired_difference(first: Run, second: Run, group: str, references: Callable[[dict], dict]) -> Difference | None:
+    """``first``'s minus ``second``'s test BLEU on ``group`` with its paired-bootstrap interval over
+    the test sentences; None where a run lacks translations, the runs' data differ or the test data
+    cannot be prepared."""
+    directions = ((first.test or {}).get("groups", {}).get(group) or {}).get("directions")
+    if not directions or first.config["data"] != second.config["data"]:
+        return None
+    try:
+        prepared = references(first.config)
+    except PolycatsError:
+        return None
+    targets = {d: [item["ref"] for item in prepared.get(d, [])] for d in directions}
+    systems = [{d: run.hypotheses(d) for d in directions} for run in (first, second)]
+    if any(hyps is None or len(hyps) != len(targets[d]) for system in systems for d, hyps in system.items()):
+        return None
+    return paired_bootstrap(*systems, targets)
+
+
+def seed_pair(first: list[Run], second: list[Run]) -> tuple[Run, Run] | None:
+    """The two methods' runs of the lowest seed both have."""
+    common = sorted({r.seed for r in first} & {r.seed for r in second})
+    if not common:
+        return None
+    return next(r for r in first if r.seed == common[0]), next(r for r in second if r.seed == common[0])
 
 
 def paired_diagnostics(grid: Grid, key: str, relative: bool) -> Difference | None:
@@ -548,23 +623,31 @@ def paired_diagnostics(grid: Grid, key: str, relative: bool) -> Difference | Non
     return mean_ci(differences) if differences else None
 
 
-def claims(grids: list[Grid]) -> list[Claim]:
+def claims(grids: list[Grid], paired: Pairing | None = None) -> list[Claim]:
+    """The paper's claims on each grid with CATS and a temperature; ``paired`` (e.g.
+    :func:`paired_difference` with the references bound) adds the paired bootstrap of the BLEU claims."""
     found = []
     for grid in grids:
         methods = grid.by_method()
         best_lores, best_all = best_temperature(grid, "LoRes"), best_temperature(grid, "All")
         if "CATS" not in methods or best_lores is None:
             continue
-        gain = welch_difference(grid.scores("CATS", "LoRes"), grid.scores(best_lores, "LoRes"))
-        found.append(Claim(ROBUSTNESS.get(grid.name, "CATS improves LoRes"), "+0.8..+2.2 BLEU", grid.name,
-                           f"LoRes BLEU: CATS − {best_lores} (best T)", gain, 0.0))
+
+        def bleu_claim(claim: str, paper: str, group: str, baseline: str, label: str, threshold: float) -> Claim:
+            pair = seed_pair(methods["CATS"], methods[baseline]) if paired else None
+            bootstrap = paired(*pair, group) if pair else None
+            return Claim(claim, paper, grid.name, f"{group} BLEU: CATS − {label}",
+                         welch_difference(grid.scores("CATS", group), grid.scores(baseline, group)), threshold,
+                         bootstrap, pair[0].seed if bootstrap else None)
+
+        found.append(bleu_claim(ROBUSTNESS.get(grid.name, "CATS improves LoRes"), "+0.8..+2.2 BLEU", "LoRes",
+                                best_lores, f"{best_lores} (best T)", 0.0))
         if grid.name in ROBUSTNESS:
             continue
         if "T=1" in methods:
-            found.append(Claim("HiRes not hurt", "≈0 BLEU", grid.name, "HiRes BLEU: CATS − T=1",
-                               welch_difference(grid.scores("CATS", "HiRes"), grid.scores("T=1", "HiRes")), -NON_INFERIORITY_BLEU))
-        found.append(Claim("no temperature tuning needed", "CATS at T=1 ≥ tuned T", grid.name, f"All BLEU: CATS − {best_all} (best T)",
-                           welch_difference(grid.scores("CATS", "All"), grid.scores(best_all, "All")), -NON_INFERIORITY_BLEU))
+            found.append(bleu_claim("HiRes not hurt", "≈0 BLEU", "HiRes", "T=1", "T=1", -NON_INFERIORITY_BLEU))
+        found.append(bleu_claim("no temperature tuning needed", "CATS at T=1 ≥ tuned T", "All", best_all,
+                                f"{best_all} (best T)", -NON_INFERIORITY_BLEU))
         eigen = paired_diagnostics(grid, "lambda_max/combined", relative=True)
         if eigen is not None:
             found.append(Claim("lower top eigenvalue", "lower λ_max", grid.name,
@@ -582,17 +665,26 @@ def claims(grids: list[Grid]) -> list[Claim]:
     return found
 
 
-def claims_section(grids: list[Grid]) -> list[str]:
-    found = claims(grids)
+def claims_section(grids: list[Grid], paired: Pairing | None = None) -> list[str]:
+    found = claims(grids, paired)
     if not found:
         return []
-    rows = [[c.claim, c.paper, c.grid, c.measure, str(c.difference) if c.difference else "—", f"{c.threshold:+.1f}", f"**{c.verdict}**"]
+    rows = [[c.claim, c.paper, c.grid, c.measure, str(c.difference) if c.difference else "—",
+             f"{c.paired} (seed {c.paired_seed})" if c.paired else "—", f"{c.threshold:+.1f}", f"**{c.verdict}**"]
             for c in found]
+    spreads = [f"`{grid.name}` LoRes {lores:.1f}, HiRes {hires:.1f}" for grid in grids
+               if (lores := seed_spread(grid, "LoRes")) is not None and (hires := seed_spread(grid, "HiRes")) is not None]
     return ["## Claims of the paper against our numbers", "",
-            markdown_table(["claim", "paper", "grid", "measure", "ours: mean [95% CI]", "threshold", "verdict"], rows), "",
+            markdown_table(["claim", "paper", "grid", "measure", "ours: mean [95% CI over seeds]",
+                            "one seed: paired bootstrap [95%]", "threshold", "verdict"], rows), "",
             "**Rule.** Each claim says *difference > threshold*. It **holds** when the whole 95% interval lies above the "
-            "threshold, **does not hold** when the whole interval lies below it, and is **inconclusive** otherwise — "
-            "including every one-seed grid, which has no interval. BLEU differences use Welch's interval over seeds; "
+            "threshold, **does not hold** when the whole interval lies below it, and is **inconclusive** otherwise. "
+            "BLEU differences use Welch's interval over seeds. A grid with one seed per method has no such interval: "
+            f"its BLEU claims are decided on the paired bootstrap over test sentences ({BOOTSTRAP_SAMPLES:,} resamples, "
+            "drawn per direction, the same sentences for both runs, sacreBLEU's statistics; shown for the lowest seed of "
+            "every grid) and say *(one seed)*. That interval holds the test set's sampling noise only, not the "
+            "training seed's" + (f", whose spread (the largest range over seeds of one method, BLEU) is {'; '.join(spreads)}" if spreads else "")
+            + ": a one-seed verdict is weaker evidence than one over seeds. "
             f"\"not hurt\" and \"no tuning needed\" are non-inferiority claims with a margin of {NON_INFERIORITY_BLEU} BLEU; "
             "the curvature and similarity claims pair CATS and T=1 at equal seed and update (checkpoints are not "
             "independent, so their intervals are optimistic). The training loss is the one each run optimises: "
@@ -614,17 +706,26 @@ def build_report(paths: list[Path], out: Path, command: str | None = None, resul
     Markdown page with its figures in a folder beside it (``docs/results.md`` → ``docs/results/``)."""
     grids = collect(paths)
     grids = sorted(grids, key=lambda grid: reference_grid(grid, grids) is not None)  # an ablation after its reference
+    references = cached_references(prepare_references)
+    bootstraps: dict[tuple[Path, Path, str], Difference | None] = {}  # the claims and the sections share pairs
+
+    def paired(first: Run, second: Run, group: str) -> Difference | None:
+        key = (first.path, second.path, group)
+        if key not in bootstraps:
+            bootstraps[key] = paired_difference(first, second, group, references)
+        return bootstraps[key]
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# polycats report", ""]
     if command:
         lines += [f"Generated by `{command}`.", ""]
-    lines += claims_section(grids)
+    lines += claims_section(grids, paired)
     for grid in grids:
-        lines += [*overview_section(grid), *scores_section(grid), *ablation_section(grid, grids),
+        lines += [*overview_section(grid), *scores_section(grid), *ablation_section(grid, grids, paired),
                   *curves_section(grid, out), *diagnostics_section(grid, out),
-                  *alpha_section(grid, out), *weights_section(grid), *examples_section(grid, prepare_references)]
-    lines += [*settings_section(grids, out), *similarity_section(grids, out)]
+                  *alpha_section(grid, out), *weights_section(grid), *examples_section(grid, references)]
+    lines += [*settings_section(grids, out, paired), *similarity_section(grids, out)]
     markdown = "\n".join(lines)
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.html", to_html(markdown, out))
