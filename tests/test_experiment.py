@@ -96,6 +96,22 @@ def test_mixing_commits_is_refused_unless_allowed(tmp_path, monkeypatch):
     assert index["runs"]["t1-s1"]["commit"] == "a" * 40  # finished: kept, not rerun
 
 
+def test_a_grid_refuses_runs_it_now_defines_otherwise_than_they_ran(tmp_path, monkeypatch):
+    grid = write_grid(tmp_path, methods=["T=1"])
+    out = tmp_path / "exp"
+    monkeypatch.setattr(experiment, "source_commit", lambda: "c0ffee")
+    run_grid(grid, out, echo=lambda *_: None)
+    recorded = (out / "runs" / "t1-s1" / "experiment.json").read_bytes()
+    edited = write_grid(tmp_path, methods=["T=1"], set=["train.lr=0.002"])  # the finished run trained at 0.003
+    with pytest.raises(PolycatsError, match=r"now defines 1 of its runs otherwise .*t1-s1: train\.lr: 0\.003 -> 0\.002.*change the grid file back"):
+        run_grid(edited, out, echo=lambda *_: None)
+    assert (out / "runs" / "t1-s1" / "experiment.json").read_bytes() == recorded
+    # Where it runs is no definition: the same grid continues on other hardware.
+    write_grid(tmp_path, methods=["T=1"], set=["train.threads=1"])
+    assert run_grid(grid, out, device="cpu", echo=lambda *_: None)["runs"]["t1-s1"]["status"] == "finished"
+    assert (out / "runs" / "t1-s1" / "experiment.json").read_bytes() == recorded  # skipped, not rerun
+
+
 def test_the_commit_is_read_from_the_source_checkout_or_stated_outside_one(tmp_path, monkeypatch):
     commit = experiment.source_commit()
     assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40

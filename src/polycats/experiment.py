@@ -5,7 +5,8 @@ and extra overrides. It expands to one run directory per (method, seed) with a s
 ``DIR/runs/<method>-s<seed>``; each run is trained (resumed if it was interrupted), evaluated on
 valid and test, and recorded in ``DIR/index.json`` (config, commit, status, wall time). Finished
 runs are skipped, so the same command continues a grid after any interruption. Every run records
-the git commit it ran from, and a grid refuses to mix commits unless told to.
+the git commit it ran from, and a grid refuses to mix commits unless told to, and to continue
+runs that its file (or base preset) now defines otherwise than they ran.
 
 >>> spec = GridSpec(name="g", base="demo", methods=["T=1", "CATS"], seeds=[1, 2])
 >>> [run.name for run in expand(spec)]
@@ -122,6 +123,26 @@ def check_commits(spec: GridSpec, runs_dir: Path, runs: list[GridRun], commit: s
         )
 
 
+def check_definitions(spec: GridSpec, base: Path, runs_dir: Path, runs: list[GridRun]) -> None:
+    """Refuse a grid whose file (or base preset) now defines a run that has started otherwise than
+    it ran: a finished run would be skipped and reported under the new definition."""
+    from polycats.run.directory import PLACEMENT, config_differences, summarise, with_current_defaults
+
+    changed = []
+    for run in runs:
+        record = run_record(runs_dir / run.name)
+        if record is not None:
+            now = load_config(base, list(run.overrides)).model_dump(mode="json")
+            differences = config_differences(with_current_defaults(record["config"]), now, ignore=PLACEMENT)
+            if differences:
+                changed.append(f"{run.name}: {summarise(differences)}")
+    if changed:
+        raise PolycatsError(
+            f"grid {spec.name} now defines {len(changed)} of its runs otherwise than they ran ({'; '.join(changed)}); "
+            f"change the grid file back, or move those run directories out of {runs_dir} to run them anew"
+        )
+
+
 def run_one(base: Path, run: GridRun, runs_dir: Path, commit: str) -> dict:
     """Train (or resume) and evaluate one run; returns its record (also in RUN/experiment.json)."""
     from polycats.evaluate.run import evaluate_run
@@ -192,6 +213,7 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
     commit = source_commit()
     if not allow_mixed_commits:
         check_commits(spec, out / "runs", runs, commit)
+    check_definitions(spec, base, out / "runs", runs)
     todo = [run for run in runs if (run_record(out / "runs" / run.name) or {}).get("status") != FINISHED]
     echo(f"grid {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (commit {commit[:12]})")
     all_runs = expand(spec)

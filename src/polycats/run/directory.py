@@ -21,8 +21,10 @@ from polycats.model.transformer import Transformer
 from polycats.run.build import build_model, resolve_device
 from polycats.run.checkpoint import load_checkpoint
 
+# Where a run computes, not what: a run may move to other hardware.
+PLACEMENT = {("train", "threads"), ("train", "device")}
 # Changing these on resume is allowed: they do not change what has been trained so far.
-RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("train", "threads"), ("train", "device"), ("eval",)}
+RESUMABLE_CHANGES = {("train", "max_updates"), ("train", "patience"), ("eval",), *PLACEMENT}
 
 
 SNAPSHOT = re.compile(r"update_(\d+)\.pt")
@@ -47,15 +49,17 @@ def last_logged_update(metrics: Path) -> int:
     return last
 
 
-def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str]:
+def config_differences(old: dict, new: dict, prefix: tuple[str, ...] = (),
+                       ignore: set[tuple[str, ...]] = RESUMABLE_CHANGES) -> list[str]:
+    """``field: old -> new`` for every field (dotted) two config dicts disagree on, but those under ``ignore``."""
     differences = []
     for key in sorted(set(old) | set(new)):
         path = (*prefix, key)
-        if any(path[: len(allowed)] == allowed for allowed in RESUMABLE_CHANGES):
+        if any(path[: len(allowed)] == allowed for allowed in ignore):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += config_differences(a, b, path)
+            differences += config_differences(a, b, path, ignore)
         elif a != b:
             differences.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
     return differences
