@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from polycats.config import load_config, preset_path, read_yaml_file
+from polycats.config import Config, load_config, preset_path, read_yaml_file
 from polycats.errors import Interrupted, PolycatsError
 from polycats.io import atomic_write_json
 from polycats.methods import METHODS, run_name
@@ -123,16 +123,17 @@ def check_commits(spec: GridSpec, runs_dir: Path, runs: list[GridRun], commit: s
         )
 
 
-def check_definitions(spec: GridSpec, base: Path, runs_dir: Path, runs: list[GridRun]) -> None:
+def check_definitions(spec: GridSpec, runs_dir: Path, runs: list[GridRun], configs: dict[str, Config]) -> None:
     """Refuse a grid whose file (or base preset) now defines a run that has started otherwise than
-    it ran: a finished run would be skipped and reported under the new definition."""
+    it ran: a finished run would be skipped and reported under the new definition. ``configs``:
+    each run's config as the grid defines it now."""
     from polycats.run.directory import PLACEMENT, config_differences, summarise, with_current_defaults
 
     changed = []
     for run in runs:
         record = run_record(runs_dir / run.name)
         if record is not None:
-            now = load_config(base, list(run.overrides)).model_dump(mode="json")
+            now = configs[run.name].model_dump(mode="json")
             differences = config_differences(with_current_defaults(record["config"]), now, ignore=PLACEMENT)
             if differences:
                 changed.append(f"{run.name}: {summarise(differences)}")
@@ -207,13 +208,12 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
         if unknown:
             raise PolycatsError(f"--only: no run named {', '.join(unknown)} in grid {spec.name}")
         runs = [run for run in runs if run.name in only]
-    for run in runs:  # every config is valid before anything is trained
-        load_config(base, list(run.overrides))
+    configs = {run.name: load_config(base, list(run.overrides)) for run in runs}  # all valid before anything trains
     out.mkdir(parents=True, exist_ok=True)
     commit = source_commit()
     if not allow_mixed_commits:
         check_commits(spec, out / "runs", runs, commit)
-    check_definitions(spec, base, out / "runs", runs)
+    check_definitions(spec, out / "runs", runs, configs)
     todo = [run for run in runs if (run_record(out / "runs" / run.name) or {}).get("status") != FINISHED]
     echo(f"grid {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (commit {commit[:12]})")
     all_runs = expand(spec)

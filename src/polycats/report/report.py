@@ -301,7 +301,7 @@ def ablation_section(grid: Grid, grids: list[Grid], paired: Pairing | None = Non
 
     def versus_cats(run: Run, group: str) -> str:
         other = cats.get(run.seed)
-        if other is None or other is run or run.score(group) is None or other.score(group) is None:
+        if other is None or run.score(group) is None or other.score(group) is None:
             return "—"
         bootstrap = paired(run, other, group) if paired else None
         delta = run.score(group) - other.score(group)
@@ -521,8 +521,8 @@ def settings_section(grids: list[Grid], out: Path, paired: Pairing | None = None
 
         def versus(baseline: str, group: str) -> tuple[float, str]:
             over_seeds = welch_difference(grid.scores("CATS", group), grid.scores(baseline, group))
-            pair = seed_pair(methods["CATS"], methods[baseline]) if paired and over_seeds.low is None else None
-            bootstrap = paired(*pair, group) if pair else None
+            one_seed = over_seeds.low is None
+            bootstrap = lowest_seed_bootstrap(methods["CATS"], methods[baseline], group, paired)[0] if one_seed else None
             return over_seeds.mean, f"{bootstrap} †" if bootstrap else str(over_seeds)
 
         config = methods["CATS"][0].config
@@ -599,12 +599,16 @@ def paired_difference(first: Run, second: Run, group: str, references: Callable[
     return paired_bootstrap(*systems, targets)
 
 
-def seed_pair(first: list[Run], second: list[Run]) -> tuple[Run, Run] | None:
-    """The two methods' runs of the lowest seed both have."""
+def lowest_seed_bootstrap(first: list[Run], second: list[Run], group: str,
+                          paired: Pairing | None) -> tuple[Difference | None, int | None]:
+    """``paired`` on the two methods' runs of the lowest seed both have, and that seed; (None, None)
+    without ``paired``, a common seed or a bootstrap."""
     common = sorted({r.seed for r in first} & {r.seed for r in second})
-    if not common:
-        return None
-    return next(r for r in first if r.seed == common[0]), next(r for r in second if r.seed == common[0])
+    if paired is None or not common:
+        return None, None
+    seed = common[0]
+    bootstrap = paired(next(r for r in first if r.seed == seed), next(r for r in second if r.seed == seed), group)
+    return (bootstrap, seed) if bootstrap else (None, None)
 
 
 def paired_diagnostics(grid: Grid, key: str, relative: bool) -> Difference | None:
@@ -634,11 +638,9 @@ def claims(grids: list[Grid], paired: Pairing | None = None) -> list[Claim]:
             continue
 
         def bleu_claim(claim: str, paper: str, group: str, baseline: str, label: str, threshold: float) -> Claim:
-            pair = seed_pair(methods["CATS"], methods[baseline]) if paired else None
-            bootstrap = paired(*pair, group) if pair else None
             return Claim(claim, paper, grid.name, f"{group} BLEU: CATS − {label}",
                          welch_difference(grid.scores("CATS", group), grid.scores(baseline, group)), threshold,
-                         bootstrap, pair[0].seed if bootstrap else None)
+                         *lowest_seed_bootstrap(methods["CATS"], methods[baseline], group, paired))
 
         found.append(bleu_claim(ROBUSTNESS.get(grid.name, "CATS improves LoRes"), "+0.8..+2.2 BLEU", "LoRes",
                                 best_lores, f"{best_lores} (best T)", 0.0))
