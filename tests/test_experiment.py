@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from polycats import experiment
-from polycats.errors import PolycatsError
+from polycats.errors import CannotResume, PolycatsError
 from polycats.experiment import GridSpec, expand, run_grid
 from polycats.train.metrics import read_metrics
 from polycats.train.trainer import Trainer
@@ -110,6 +110,55 @@ def test_a_grid_refuses_runs_it_now_defines_otherwise_than_they_ran(tmp_path, mo
     write_grid(tmp_path, methods=["T=1"], set=["train.threads=1"])
     assert run_grid(grid, out, device="cpu", echo=lambda *_: None)["runs"]["t1-s1"]["status"] == "finished"
     assert (out / "runs" / "t1-s1" / "experiment.json").read_bytes() == recorded  # skipped, not rerun
+
+
+def test_only_refuses_a_grid_whose_other_runs_came_from_another_commit(tmp_path, monkeypatch):
+    grid = write_grid(tmp_path)
+    out = tmp_path / "exp"
+    monkeypatch.setattr(experiment, "source_commit", lambda: "a" * 40)
+    run_grid(grid, out, only=["t1-s1"], echo=lambda *_: None)
+    monkeypatch.setattr(experiment, "source_commit", lambda: "b" * 40)
+    with pytest.raises(PolycatsError, match="another commit .*aaaaaaaaaaaa: t1-s1"):
+        run_grid(grid, out, only=["cats-s1"], echo=lambda *_: None)  # cats-s1 has not started, t1-s1 has
+    assert not (out / "runs" / "cats-s1").exists()
+
+
+def test_restart_starts_the_named_runs_over_and_leaves_the_rest(tmp_path, monkeypatch):
+    grid = write_grid(tmp_path)
+    out = tmp_path / "exp"
+    monkeypatch.setattr(experiment, "source_commit", lambda: "a" * 40)
+    run_grid(grid, out, echo=lambda *_: None)
+    with pytest.raises(PolycatsError, match="--restart .* name them with --only"):
+        run_grid(grid, out, restart=True, echo=lambda *_: None)
+    kept = ((out / "runs" / "t1-s1" / "eval" / "test.json").read_bytes(),
+            (out / "runs" / "t1-s1" / "experiment.json").read_bytes())
+
+    # A run whose checkpoints are gone (a grid copied without them) cannot resume; the error names the way on.
+    for checkpoint in (out / "runs" / "cats-s1" / "checkpoints").glob("*.pt"):
+        checkpoint.unlink()
+    record = json.loads((out / "runs" / "cats-s1" / "experiment.json").read_text())
+    record.update(status="interrupted", wall_s=1e6)
+    (out / "runs" / "cats-s1" / "experiment.json").write_text(json.dumps(record))
+    with pytest.raises(CannotResume, match=r"no usable checkpoint .*\(in this grid: --only cats-s1 --restart\)"):
+        run_grid(grid, out, echo=lambda *_: None)
+
+    # Started over at another commit: only the restarted run takes it; the grid's other run is untouched.
+    monkeypatch.setattr(experiment, "source_commit", lambda: "b" * 40)
+    with pytest.raises(PolycatsError, match="another commit .*aaaaaaaaaaaa: t1-s1"):
+        run_grid(grid, out, only=["cats-s1"], restart=True, echo=lambda *_: None)
+    index = run_grid(grid, out, only=["cats-s1"], restart=True, allow_mixed_commits=True, echo=lambda *_: None)
+    restarted = index["runs"]["cats-s1"]
+    assert restarted["status"] == "finished" and restarted["commit"] == "b" * 40
+    assert restarted["wall_s"] < 1e6  # counted afresh, not added to the earlier run's
+    events = read_metrics(out / "runs" / "cats-s1")
+    assert sum(1 for e in events if e["event"] == "start") == 1 and events[-1]["update"] == 6
+    assert ((out / "runs" / "t1-s1" / "eval" / "test.json").read_bytes(),
+            (out / "runs" / "t1-s1" / "experiment.json").read_bytes()) == kept
+    # A finished run restarted is trained again, not skipped.
+    before = (out / "runs" / "t1-s1" / "metrics.jsonl").stat().st_mtime_ns
+    run_grid(grid, out, only=["t1-s1"], restart=True, allow_mixed_commits=True, echo=lambda *_: None)
+    assert (out / "runs" / "t1-s1" / "metrics.jsonl").stat().st_mtime_ns != before
+    assert json.loads((out / "runs" / "t1-s1" / "experiment.json").read_text())["commit"] == "b" * 40
 
 
 def test_the_commit_is_read_from_the_source_checkout_or_stated_outside_one(tmp_path, monkeypatch):

@@ -242,13 +242,15 @@ def experiment(
                                                       "came from another git commit")] = False,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="run only this run name (repeatable)")] = None,
     device: DeviceOption = None,
+    restart: Annotated[bool, typer.Option("--restart", help="start the runs named by --only over, finished or "
+                                          "not (removes their metrics, checkpoints, tb/, eval/, analysis/)")] = False,
 ) -> None:
     """Train and evaluate every run of a grid (methods × seeds); finished runs are skipped,
     interrupted ones resumed; OUT/index.json records config, commit, status and wall time."""
     from polycats.experiment import run_grid
 
     require_writable(out, "--out")
-    index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print, device=device)
+    index = run_grid(grid, out, workers, allow_mixed_commits, only, echo=console.print, device=device, restart=restart)
     done = sum(1 for record in index["runs"].values() if record["status"] == "finished")
     console.print(f"{done}/{len(index['runs'])} runs finished: {out / 'index.json'}")
 

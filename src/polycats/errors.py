@@ -6,6 +6,11 @@ class PolycatsError(Exception):
     pass
 
 
+class CannotResume(PolycatsError):
+    """A run directory holds a run that cannot continue exactly (no usable checkpoint); starting
+    it over (``--restart``) or another directory is the way on."""
+
+
 class Interrupted(PolycatsError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the CLI exits with 128 + the
     signal's number, as shells expect."""

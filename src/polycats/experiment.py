@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polycats.config import Config, load_config, preset_path, read_yaml_file
-from polycats.errors import Interrupted, PolycatsError
+from polycats.errors import CannotResume, Interrupted, PolycatsError
 from polycats.io import atomic_write_json
 from polycats.methods import METHODS, run_name
 
@@ -144,14 +144,15 @@ def check_definitions(spec: GridSpec, runs_dir: Path, runs: list[GridRun], confi
         )
 
 
-def run_one(base: Path, run: GridRun, runs_dir: Path, commit: str) -> dict:
-    """Train (or resume) and evaluate one run; returns its record (also in RUN/experiment.json)."""
+def run_one(base: Path, run: GridRun, runs_dir: Path, commit: str, restart: bool = False) -> dict:
+    """Train (resume, or with ``restart`` start over) and evaluate one run; returns its record
+    (also in RUN/experiment.json)."""
     from polycats.evaluate.run import evaluate_run
     from polycats.train.trainer import train
 
     run_dir = runs_dir / run.name
     config = load_config(base, list(run.overrides))
-    previous = run_record(run_dir) or {}
+    previous = {} if restart else run_record(run_dir) or {}
     record = {
         "name": run.name, "method": run.method, "seed": run.seed, "overrides": list(run.overrides),
         "config": config.model_dump(mode="json"), "commit": commit, "status": "running",
@@ -161,7 +162,7 @@ def run_one(base: Path, run: GridRun, runs_dir: Path, commit: str) -> dict:
     atomic_write_json(run_dir / "experiment.json", record)
     started = time.perf_counter()
     try:
-        train(config, run_dir, progress=False)
+        train(config, run_dir, progress=False, restart=restart)
         for split in ("valid", "test"):
             evaluate_run(run_dir, split)
     except BaseException as error:
@@ -190,12 +191,15 @@ def write_index(spec: GridSpec, base: Path, out: Path, runs: list[GridRun]) -> d
 
 
 def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool = False,
-             only: list[str] | None = None, echo=print, device: str | None = None) -> dict:
+             only: list[str] | None = None, echo=print, device: str | None = None, restart: bool = False) -> dict:
     """Run every unfinished run of ``grid`` into ``out`` (``only``: these run names); with
     ``workers > 1`` that many runs at a time, each in its own process. ``device`` (auto, cpu,
-    cuda): ``train.device`` of every run, after the grid's own overrides. Returns the index."""
+    cuda): ``train.device`` of every run, after the grid's own overrides. ``restart``: start the
+    runs named by ``only`` over, finished or not (their outputs are removed). Returns the index."""
     if workers < 1:
         raise PolycatsError(f"--workers must be >= 1, not {workers}")
+    if restart and not only:
+        raise PolycatsError("--restart starts runs over and removes what they wrote: name them with --only")
     spec, base = load_grid(grid)
     runs = expand(spec)
     if device is not None:
@@ -211,18 +215,23 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
     configs = {run.name: load_config(base, list(run.overrides)) for run in runs}  # all valid before anything trains
     out.mkdir(parents=True, exist_ok=True)
     commit = source_commit()
-    if not allow_mixed_commits:
-        check_commits(spec, out / "runs", runs, commit)
-    check_definitions(spec, out / "runs", runs, configs)
-    todo = [run for run in runs if (run_record(out / "runs" / run.name) or {}).get("status") != FINISHED]
-    echo(f"grid {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (commit {commit[:12]})")
     all_runs = expand(spec)
+    restarted = set(only) if restart else set()
+    # What starts over is checked as new; the rest of the grid, selected or not, must match.
+    if not allow_mixed_commits:
+        check_commits(spec, out / "runs", [run for run in all_runs if run.name not in restarted], commit)
+    check_definitions(spec, out / "runs", [run for run in runs if run.name not in restarted], configs)
+    todo = [run for run in runs if run.name in restarted
+            or (run_record(out / "runs" / run.name) or {}).get("status") != FINISHED]
+    echo(f"grid {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run (commit {commit[:12]})")
     write_index(spec, base, out, all_runs)  # progress is visible (pending runs included) from the start
     if workers == 1:
         for run in todo:
             echo(f"{run.name}: training")
             try:
-                run_one(base, run, out / "runs", commit)
+                run_one(base, run, out / "runs", commit, restart)
+            except CannotResume as error:
+                raise CannotResume(f"{error} (in this grid: --only {run.name} --restart)") from None
             finally:
                 write_index(spec, base, out, all_runs)
             echo(f"{run.name}: finished")
@@ -233,6 +242,8 @@ def run_grid(grid: Path, out: Path, workers: int = 1, allow_mixed_commits: bool 
                 command.append("--allow-mixed-commits")
             if device is not None:
                 command += ["--device", device]
+            if restart:
+                command.append("--restart")
             with open(out / "runs" / f"{run.name}.log", "a") as log:  # the run's own output, appended across resumes
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             log_path = out / "runs" / f"{run.name}.log"

@@ -40,7 +40,7 @@ from polycats.data.batching import Batch, BatchStream, fixed_batches, sample_bat
 from polycats.data.prepare import PAD, PreparedData, copy_for_evaluation, prepare
 from polycats.data.sampling import SamplingSchedule
 from polycats.diagnostics.model_summary import combined_weights, training_diagnostics
-from polycats.errors import Interrupted, PolycatsError
+from polycats.errors import CannotResume, Interrupted, PolycatsError
 from polycats.io import atomic_write_text, remove_stale_temp_files
 from polycats.model.transformer import Transformer
 from polycats.ops.hessian import hessian_operator
@@ -338,12 +338,12 @@ class Trainer:
             raise self.cannot_resume(f"neither {self.last_path.name} nor {previous_path(self.last_path).name} exists")
         return found
 
-    def cannot_resume(self, why: str) -> PolycatsError:
+    def cannot_resume(self, why: str) -> CannotResume:
         # Snapshots hold the model and balancer only: a run continued from one would differ from
         # the run it continues (fresh Adam moments, sampler and random state), so none is offered.
         snapshots = self.run.snapshots()
         newest = f"the newest snapshot, {snapshots[-1][1].name}, holds" if snapshots else "snapshots hold"
-        return PolycatsError(
+        return CannotResume(
             f"{self.run.path} holds a run ({'; '.join(self.run.history())}) but no usable checkpoint to resume from "
             f"({why}); {newest} only the model and balancer, not the optimizer and random state, so the run "
             f"cannot continue exactly: rerun with --restart to start over (removes {', '.join(OUTPUTS)}) "
