@@ -137,7 +137,7 @@ def test_experiment_device_overrides_every_run_after_the_grid_set(tmp_path, monk
     (tmp_path / "grid.yaml").write_text(
         "name: g\nbase: tiny.yaml\nmethods: [T=1, CATS]\nseeds: [1, 2]\nset: [train.device=auto]\n", encoding="utf-8")
     started = []
-    monkeypatch.setattr(experiment, "run_one", lambda base, run, runs_dir, commit: started.append(run))
+    monkeypatch.setattr(experiment, "run_one", lambda base, run, runs_dir, commit, restart: started.append(run))
     experiment.run_grid(tmp_path / "grid.yaml", tmp_path / "out", echo=lambda _: None, device="cpu")
     assert len(started) == 4
     for run in started:
